@@ -1,0 +1,127 @@
+//! The event store: the producers' `events` table plus the host-owned delivery books.
+//!
+//! One trait, two backends (SQLite, the embedded default; Postgres, for production and for
+//! several instances). Both implement the same semantics and run the same test suite.
+
+mod error;
+mod fan_out;
+mod filters;
+mod model;
+pub mod postgres;
+mod rows;
+pub mod sqlite;
+mod time;
+mod url;
+
+use async_trait::async_trait;
+
+pub use error::{StoreError, StoreResult};
+pub use model::*;
+pub use url::{redact_url, StoreUrl};
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Create the SQLite file when it does not exist (only `init` and `migrate` do).
+    pub create_if_missing: bool,
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    fn backend(&self) -> Backend;
+
+    /// Apply the embedded migrations; running it again is a no-op.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Fails with [`StoreError::NotMigrated`] when the schema is behind this binary.
+    async fn check_schema(&self) -> StoreResult<()>;
+
+    /// Append one event; returns its id.
+    async fn append(&self, event: &NewEvent) -> StoreResult<i64> {
+        let ids = self.append_batch(std::slice::from_ref(event)).await?;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Invariant("append returned no id".into()))
+    }
+
+    /// Append events in one transaction: all or none. Ids are returned in input order.
+    async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>>;
+
+    /// Turn READY events that have no deliveries yet into deliveries, oldest first, up to
+    /// `limit` events. Events without a route become SKIPPED, repeated producer keys
+    /// DUPLICATE, malformed events DEAD, each with the reason.
+    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport>;
+
+    /// Lease due deliveries. A delivery on an ordered route is only due when no earlier
+    /// event of the same entity still has an open delivery on that route.
+    async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>>;
+
+    /// Write each completion in one transaction with its attempt row, ledger entry,
+    /// emitted events and the event's new status.
+    async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>>;
+
+    /// Give leases back without counting the attempt (graceful shutdown).
+    async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64>;
+
+    async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>>;
+
+    async fn event_detail(&self, event_id: i64) -> StoreResult<Option<EventDetail>>;
+
+    /// The aggregate's log, oldest first.
+    async fn entity_history(&self, entity_type: &str, entity_id: &str) -> StoreResult<Vec<Event>> {
+        self.list_events(&EventFilter {
+            entity: Some((entity_type.to_string(), entity_id.to_string())),
+            oldest_first: true,
+            limit: u32::MAX,
+            ..EventFilter::default()
+        })
+        .await
+    }
+
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> StoreResult<Vec<Delivery>>;
+
+    /// Send DEAD deliveries again: due now, with a fresh attempt budget. Their events go
+    /// back to READY. Returns how many were redriven.
+    async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64>;
+}
+
+/// Open the store a URL names: `sqlite://PATH` or `postgres://...`.
+pub async fn open(url: &str, options: OpenOptions) -> StoreResult<Box<dyn EventStore>> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Sqlite(path) => Ok(Box::new(sqlite::SqliteStore::open(&path, options).await?)),
+        StoreUrl::Postgres(url) => Ok(Box::new(postgres::PostgresStore::connect(&url).await?)),
+    }
+}
+
+/// How many embedded migrations the database has not applied yet, as an error when any.
+pub(crate) fn pending_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[i64],
+    url: String,
+) -> StoreResult<()> {
+    let pending = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+        .count();
+    if pending == 0 {
+        Ok(())
+    } else {
+        Err(StoreError::NotMigrated { url, pending })
+    }
+}
+
+/// The idempotency key of a delivery: the producer's when given (shared by every route of
+/// the event, the ledger is per route), otherwise derived from what never changes.
+pub fn delivery_key(producer_key: Option<&str>, event_id: i64, route: &str) -> String {
+    match producer_key {
+        Some(key) => key.to_string(),
+        None => format!("herald-{event_id}-{route}"),
+    }
+}

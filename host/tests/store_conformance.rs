@@ -1,0 +1,925 @@
+//! One suite, both backends: every store operation must behave the same on SQLite and
+//! Postgres. Each test body takes a `Fixture`; the macro at the bottom runs it on each.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use herald::store::{
+    self, ClaimRequest, Completion, CompletionResult, DeliveryFilter, DeliveryStatus, EventFilter,
+    EventHead, EventStatus, EventStore, NewEvent, OpenOptions, Outcome, RoutePlan,
+};
+use herald_tests::PgSchema;
+use serde_json::json;
+
+struct Fixture {
+    store: Box<dyn EventStore>,
+    raw: Raw,
+    _sqlite_dir: Option<tempfile::TempDir>,
+}
+
+/// A second, plain connection pool for what producers and operators do behind Herald's back.
+enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Fixture {
+    async fn exec(&self, sql: &str) -> u64 {
+        let result = match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Raw::Postgres(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        };
+        result.unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let result = match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        };
+        result.unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+}
+
+async fn sqlite_fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = store::open(
+        &url,
+        OpenOptions {
+            create_if_missing: true,
+        },
+    )
+    .await
+    .expect("open sqlite store");
+    store.migrate().await.expect("migrate sqlite");
+    let raw = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("raw sqlite pool");
+    Fixture {
+        store,
+        raw: Raw::Sqlite(raw),
+        _sqlite_dir: Some(dir),
+    }
+}
+
+async fn postgres_fixture(schema: &PgSchema) -> Fixture {
+    let store = store::open(&schema.url, OpenOptions::default())
+        .await
+        .expect("open postgres store");
+    store.migrate().await.expect("migrate postgres");
+    let raw = sqlx::PgPool::connect(&schema.url)
+        .await
+        .expect("raw pg pool");
+    Fixture {
+        store,
+        raw: Raw::Postgres(raw),
+        _sqlite_dir: None,
+    }
+}
+
+/// `order.*` → one ordered route; `payment.*` → an ordered and an unordered route;
+/// `bulk.*` → one unordered route; anything else has no route.
+fn router(head: &EventHead) -> Vec<RoutePlan> {
+    let t = head.event_type.as_str();
+    if t.starts_with("order.") {
+        vec![RoutePlan::ordered("orders")]
+    } else if t.starts_with("payment.") {
+        vec![RoutePlan::ordered("ledger"), RoutePlan::unordered("audit")]
+    } else if t.starts_with("bulk.") {
+        vec![RoutePlan::unordered("bulk")]
+    } else {
+        vec![]
+    }
+}
+
+fn order(entity: &str, n: i64) -> NewEvent {
+    NewEvent::new("order.created", "order", entity, json!({ "n": n }))
+}
+
+fn claim_request(owner: &str, limit: u32) -> ClaimRequest {
+    ClaimRequest {
+        owner: owner.into(),
+        limit,
+        lease: Duration::from_secs(60),
+    }
+}
+
+async fn claim(f: &Fixture, owner: &str, limit: u32) -> Vec<store::ClaimedDelivery> {
+    f.store
+        .claim(&claim_request(owner, limit))
+        .await
+        .expect("claim")
+}
+
+async fn complete_one(
+    f: &Fixture,
+    claimed: &store::ClaimedDelivery,
+    owner: &str,
+    outcome: Outcome,
+) -> CompletionResult {
+    let mut results = f
+        .store
+        .complete(&[Completion::for_claim(claimed, owner, outcome)])
+        .await
+        .expect("complete");
+    assert_eq!(results.len(), 1);
+    results.remove(0)
+}
+
+async fn status_of(f: &Fixture, event_id: i64) -> (EventStatus, Option<String>) {
+    let detail = f
+        .store
+        .event_detail(event_id)
+        .await
+        .expect("detail")
+        .expect("event exists");
+    (detail.event.event_status, detail.event.status_reason)
+}
+
+// ---------------------------------------------------------------------------------------
+
+async fn append_one_and_read_it_back(f: &Fixture) {
+    let event = order("o-1", 1).with_target("billing").with_key("k-1");
+    let id = f.store.append(&event).await.expect("append");
+    let detail = f
+        .store
+        .event_detail(id)
+        .await
+        .expect("detail")
+        .expect("found");
+    let stored = detail.event;
+    assert_eq!(stored.event_id, id);
+    assert_eq!(stored.event_type, "order.created");
+    assert_eq!(
+        (stored.entity_type.as_str(), stored.entity_id.as_str()),
+        ("order", "o-1")
+    );
+    assert_eq!(stored.event_target.as_deref(), Some("billing"));
+    assert_eq!(stored.idempotency_key.as_deref(), Some("k-1"));
+    assert_eq!(stored.event_status, EventStatus::Ready);
+    let data: serde_json::Value =
+        serde_json::from_str(stored.event_data.as_deref().expect("data")).expect("json");
+    assert_eq!(data, json!({ "n": 1 }));
+    let headers: serde_json::Value =
+        serde_json::from_str(stored.headers.as_deref().expect("headers")).expect("json");
+    assert_eq!(headers, json!({}));
+    assert!(detail.deliveries.is_empty() && detail.attempts.is_empty());
+    assert!(f
+        .store
+        .event_detail(id + 1000)
+        .await
+        .expect("detail")
+        .is_none());
+}
+
+async fn bulk_append_is_all_or_nothing(f: &Fixture) {
+    let ids = f
+        .store
+        .append_batch(&[order("a", 1), order("b", 2), order("c", 3)])
+        .await
+        .expect("bulk append");
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids in input order: {ids:?}"
+    );
+
+    let bad = NewEvent::new("order.created", "order", "  ", json!({}));
+    let err = f
+        .store
+        .append_batch(&[order("d", 4), bad])
+        .await
+        .expect_err("an empty entity_id is refused");
+    assert!(err.to_string().contains("entity_id is empty"), "{err}");
+    let all = f
+        .store
+        .list_events(&EventFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(all.len(), 3, "nothing of the failed batch was written");
+}
+
+async fn producer_inserts_only_the_seed_columns(f: &Fixture) {
+    f.exec(
+        "INSERT INTO events (event_target, event_type, entity_type, entity_id, event_data) \
+         VALUES (NULL, 'order.created', 'order', 'raw-1', '{\"total\": 5}')",
+    )
+    .await;
+    let events = f
+        .store
+        .list_events(&EventFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_status, EventStatus::Ready);
+    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    assert_eq!(report.routed, 1);
+    let claimed = claim(f, "a", 10).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event.entity_id, "raw-1");
+    assert_eq!(
+        claimed[0].idempotency_key,
+        format!("herald-{}-orders", events[0].event_id)
+    );
+}
+
+async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
+    let routed = f.store.append(&order("o-1", 1)).await.expect("append");
+    let fanned = f
+        .store
+        .append(&NewEvent::new(
+            "payment.captured",
+            "payment",
+            "p-1",
+            json!({}),
+        ))
+        .await
+        .expect("append");
+    let unrouted = f
+        .store
+        .append(&NewEvent::new("user.created", "user", "u-1", json!({})).with_target("crm"))
+        .await
+        .expect("append");
+    let first_key = f
+        .store
+        .append(&order("o-2", 2).with_key("same"))
+        .await
+        .expect("append");
+    let repeat_key = f
+        .store
+        .append(&order("o-3", 3).with_key("same"))
+        .await
+        .expect("append");
+    f.exec(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', 'o-4', NULL)",
+    )
+    .await;
+
+    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    assert_eq!(
+        (
+            report.routed,
+            report.deliveries,
+            report.skipped,
+            report.duplicates,
+            report.malformed
+        ),
+        (3, 4, 1, 1, 1)
+    );
+    assert_eq!(report.events(), 6);
+
+    let (status, reason) = status_of(f, unrouted).await;
+    assert_eq!(status, EventStatus::Skipped);
+    assert_eq!(
+        reason.as_deref(),
+        Some("no route matches event_type 'user.created' and event_target 'crm'")
+    );
+    let (status, reason) = status_of(f, repeat_key).await;
+    assert_eq!(status, EventStatus::Duplicate);
+    assert_eq!(
+        reason,
+        Some(format!(
+            "duplicate of event {first_key} (idempotency_key 'same')"
+        ))
+    );
+    let dead = f
+        .store
+        .list_events(&EventFilter {
+            status: Some(EventStatus::Dead),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].status_reason.as_deref(), Some("event_data is NULL"));
+
+    let routes: HashSet<String> = f
+        .store
+        .event_detail(fanned)
+        .await
+        .expect("detail")
+        .expect("found")
+        .deliveries
+        .into_iter()
+        .map(|d| d.route)
+        .collect();
+    assert_eq!(
+        routes,
+        HashSet::from(["ledger".to_string(), "audit".to_string()])
+    );
+    assert_eq!(status_of(f, routed).await.0, EventStatus::Ready);
+
+    // A second pass finds nothing new: routed events are not routed twice.
+    assert_eq!(
+        f.store
+            .fan_out(100, &router)
+            .await
+            .expect("fan out")
+            .events(),
+        0
+    );
+    // The producer key is the delivery key on every route of the event.
+    let keyed = f
+        .store
+        .event_detail(first_key)
+        .await
+        .expect("detail")
+        .expect("found");
+    assert_eq!(keyed.deliveries[0].idempotency_key, "same");
+}
+
+async fn late_duplicate_of_an_already_handled_key(f: &Fixture) {
+    let first = f
+        .store
+        .append(&order("o-1", 1).with_key("k"))
+        .await
+        .expect("append");
+    f.store.fan_out(100, &router).await.expect("fan out");
+    let second = f
+        .store
+        .append(&order("o-2", 2).with_key("k"))
+        .await
+        .expect("append");
+    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    assert_eq!(report.duplicates, 1);
+    let (status, reason) = status_of(f, second).await;
+    assert_eq!(status, EventStatus::Duplicate);
+    assert!(reason
+        .unwrap_or_default()
+        .contains(&format!("event {first}")));
+}
+
+async fn concurrent_claimers_never_share_a_delivery(f: &Fixture) {
+    let events: Vec<NewEvent> = (0..60)
+        .map(|n| NewEvent::new("bulk.item", "item", format!("i-{n}"), json!({ "n": n })))
+        .collect();
+    f.store.append_batch(&events).await.expect("append");
+    f.store.fan_out(1000, &router).await.expect("fan out");
+
+    let mut seen = HashSet::new();
+    loop {
+        let (a, b) = tokio::join!(claim(f, "alpha", 7), claim(f, "beta", 7));
+        if a.is_empty() && b.is_empty() {
+            break;
+        }
+        for delivery in a.iter().chain(b.iter()) {
+            assert!(
+                seen.insert(delivery.delivery_id),
+                "delivery {} claimed twice",
+                delivery.delivery_id
+            );
+        }
+    }
+    assert_eq!(seen.len(), 60);
+}
+
+async fn a_live_lease_holds_and_an_expired_one_is_taken_over(f: &Fixture) {
+    f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let first = claim(f, "alpha", 10).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 1);
+    assert!(
+        claim(f, "beta", 10).await.is_empty(),
+        "a live lease is not claimable"
+    );
+
+    // Expire alpha's lease the way time would.
+    f.exec("UPDATE herald_deliveries SET locked_until = created_at")
+        .await;
+    let taken = claim(f, "beta", 10).await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].attempt, 2);
+
+    // alpha wakes up late: its completion must not land, beta's does.
+    assert_eq!(
+        complete_one(f, &first[0], "alpha", Outcome::delivered()).await,
+        CompletionResult::LeaseLost
+    );
+    assert_eq!(f.count("SELECT count(*) FROM herald_attempts").await, 0);
+    assert!(matches!(
+        complete_one(f, &taken[0], "beta", Outcome::delivered()).await,
+        CompletionResult::Committed { .. }
+    ));
+    assert_eq!(
+        status_of(f, taken[0].event.event_id).await.0,
+        EventStatus::Success
+    );
+}
+
+async fn a_zero_lease_expires_at_once(f: &Fixture) {
+    f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let request = ClaimRequest {
+        owner: "alpha".into(),
+        limit: 10,
+        lease: Duration::ZERO,
+    };
+    assert_eq!(f.store.claim(&request).await.expect("claim").len(), 1);
+    assert_eq!(claim(f, "beta", 10).await.len(), 1);
+}
+
+async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture) {
+    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let claimed = claim(f, "alpha", 10).await;
+    let follow_up = NewEvent::new(
+        "invoice.requested",
+        "invoice",
+        "inv-1",
+        json!({ "for": id }),
+    );
+    let mut completion = Completion::for_claim(
+        &claimed[0],
+        "alpha",
+        Outcome::Delivered {
+            receipt: Some("202 accepted".into()),
+            emitted: vec![follow_up],
+        },
+    );
+    completion.plugin_version = Some("sha256:abc".into());
+    completion.duration = Duration::from_micros(1500);
+    let results = f.store.complete(&[completion]).await.expect("complete");
+    let CompletionResult::Committed { emitted } = &results[0] else {
+        panic!("not committed: {results:?}");
+    };
+    assert_eq!(emitted.len(), 1);
+
+    let detail = f
+        .store
+        .event_detail(id)
+        .await
+        .expect("detail")
+        .expect("found");
+    assert_eq!(detail.event.event_status, EventStatus::Success);
+    assert_eq!(detail.event.status_reason, None);
+    assert_eq!(detail.deliveries[0].status, DeliveryStatus::Success);
+    assert_eq!(detail.deliveries[0].locked_by, None);
+    let attempt = &detail.attempts[0];
+    assert_eq!(attempt.attempt, 1);
+    assert_eq!(attempt.outcome, store::AttemptOutcome::Delivered);
+    assert_eq!(attempt.detail.as_deref(), Some("202 accepted"));
+    assert_eq!(attempt.plugin_version.as_deref(), Some("sha256:abc"));
+    assert_eq!(attempt.instance, "alpha");
+    assert_eq!(attempt.duration_us, 1500);
+    assert_eq!(f.count("SELECT count(*) FROM herald_idempotency").await, 1);
+
+    let emitted_event = f
+        .store
+        .event_detail(emitted[0])
+        .await
+        .expect("detail")
+        .expect("found");
+    assert_eq!(emitted_event.event.event_type, "invoice.requested");
+    assert_eq!(emitted_event.event.event_status, EventStatus::Ready);
+}
+
+async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
+    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let claimed = claim(f, "alpha", 10).await;
+    complete_one(f, &claimed[0], "alpha", Outcome::delivered()).await;
+    assert!(claimed[0].already_completed.is_none());
+
+    // A replay re-opens the delivery; the ledger still knows the effect happened.
+    f.exec("UPDATE herald_deliveries SET status = 'PENDING'")
+        .await;
+    let again = claim(f, "beta", 10).await;
+    let ledger = again[0].already_completed.as_ref().expect("ledger entry");
+    assert_eq!(ledger.event_id, id);
+    assert_eq!(ledger.route, "orders");
+    assert_eq!(ledger.outcome, store::AttemptOutcome::Delivered);
+}
+
+async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
+    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let first = claim(f, "alpha", 10).await;
+    complete_one(
+        f,
+        &first[0],
+        "alpha",
+        Outcome::Retry {
+            after: Duration::from_secs(3600),
+            reason: "HTTP 503".into(),
+        },
+    )
+    .await;
+    let (status, reason) = status_of(f, id).await;
+    assert_eq!(status, EventStatus::Failed);
+    assert_eq!(reason.as_deref(), Some("route orders: HTTP 503"));
+    assert!(
+        claim(f, "alpha", 10).await.is_empty(),
+        "not due for an hour"
+    );
+
+    f.exec("UPDATE herald_deliveries SET next_attempt_at = created_at")
+        .await;
+    let second = claim(f, "alpha", 10).await;
+    assert_eq!(second[0].attempt, 2);
+    complete_one(f, &second[0], "alpha", Outcome::delivered()).await;
+    let detail = f
+        .store
+        .event_detail(id)
+        .await
+        .expect("detail")
+        .expect("found");
+    assert_eq!(detail.event.event_status, EventStatus::Success);
+    let outcomes: Vec<_> = detail
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, store::AttemptOutcome::Retry),
+            (2, store::AttemptOutcome::Delivered)
+        ]
+    );
+    assert_eq!(detail.attempts[0].detail.as_deref(), Some("HTTP 503"));
+}
+
+async fn dead_is_final_and_listed(f: &Fixture) {
+    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let claimed = claim(f, "alpha", 10).await;
+    let mut completion = Completion::for_claim(
+        &claimed[0],
+        "alpha",
+        Outcome::Dead {
+            reason: "HTTP 410 Gone".into(),
+        },
+    );
+    completion.host_events = vec![NewEvent::new(
+        "herald.delivery.dead",
+        "order",
+        "o-1",
+        json!({ "event_id": id }),
+    )];
+    f.store.complete(&[completion]).await.expect("complete");
+    assert_eq!(
+        f.count("SELECT count(*) FROM events WHERE event_type = 'herald.delivery.dead'")
+            .await,
+        1,
+        "the host's dead notice is committed with the dead outcome"
+    );
+    assert_eq!(
+        status_of(f, id).await,
+        (
+            EventStatus::Dead,
+            Some("route orders: HTTP 410 Gone".into())
+        )
+    );
+    let dead = f
+        .store
+        .list_deliveries(&DeliveryFilter {
+            status: Some(DeliveryStatus::Dead),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("HTTP 410 Gone"));
+    assert_eq!(f.count("SELECT count(*) FROM herald_idempotency").await, 0);
+    assert!(claim(f, "alpha", 10).await.is_empty());
+}
+
+async fn redrive_sends_dead_deliveries_again(f: &Fixture) {
+    let ids = f
+        .store
+        .append_batch(&[
+            order("A", 1),
+            order("B", 1),
+            NewEvent::new("payment.captured", "payment", "P", json!({})),
+        ])
+        .await
+        .expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 10).await;
+    assert_eq!(batch.len(), 4);
+    for delivery in &batch {
+        complete_one(
+            f,
+            delivery,
+            "alpha",
+            Outcome::Dead {
+                reason: "boom".into(),
+            },
+        )
+        .await;
+    }
+    let one = batch
+        .iter()
+        .find(|d| d.event.event_id == ids[0])
+        .expect("A claimed");
+    let redriven = f
+        .store
+        .redrive(&store::RedriveSelection {
+            delivery_id: Some(one.delivery_id),
+            route: None,
+        })
+        .await
+        .expect("redrive one");
+    assert_eq!(redriven, 1);
+    assert_eq!(status_of(f, ids[0]).await, (EventStatus::Ready, None));
+    let again = claim(f, "alpha", 10).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        again[0].attempt, 1,
+        "a redrive starts a fresh attempt budget"
+    );
+
+    let by_route = f
+        .store
+        .redrive(&store::RedriveSelection {
+            delivery_id: None,
+            route: Some("audit".into()),
+        })
+        .await
+        .expect("redrive by route");
+    assert_eq!(by_route, 1);
+    let rest = f
+        .store
+        .redrive(&store::RedriveSelection::default())
+        .await
+        .expect("redrive all");
+    assert_eq!(rest, 2, "orders B and ledger P; A is not dead any more");
+    assert_eq!(
+        f.store
+            .redrive(&store::RedriveSelection::default())
+            .await
+            .expect("again"),
+        0
+    );
+}
+
+async fn later_events_of_an_entity_wait_for_earlier_ones(f: &Fixture) {
+    let a1 = f.store.append(&order("A", 1)).await.expect("append");
+    let a2 = f.store.append(&order("A", 2)).await.expect("append");
+    let b1 = f.store.append(&order("B", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+
+    let batch = claim(f, "alpha", 10).await;
+    let ids: HashSet<i64> = batch.iter().map(|d| d.event.event_id).collect();
+    assert_eq!(
+        ids,
+        HashSet::from([a1, b1]),
+        "A's second event waits behind its first"
+    );
+
+    let first_a = batch
+        .iter()
+        .find(|d| d.event.event_id == a1)
+        .expect("a1 claimed");
+    complete_one(
+        f,
+        first_a,
+        "alpha",
+        Outcome::Retry {
+            after: Duration::ZERO,
+            reason: "later".into(),
+        },
+    )
+    .await;
+    let next = claim(f, "alpha", 10).await;
+    let ids: Vec<i64> = next.iter().map(|d| d.event.event_id).collect();
+    assert_eq!(
+        ids,
+        vec![a1],
+        "the retrying event goes first, its successor still waits"
+    );
+
+    complete_one(f, &next[0], "alpha", Outcome::delivered()).await;
+    let last = claim(f, "alpha", 10).await;
+    assert_eq!(
+        last.iter().map(|d| d.event.event_id).collect::<Vec<_>>(),
+        vec![a2]
+    );
+}
+
+async fn unordered_routes_do_not_wait(f: &Fixture) {
+    for n in 0..3 {
+        f.store
+            .append(&NewEvent::new(
+                "payment.captured",
+                "payment",
+                "P",
+                json!({ "n": n }),
+            ))
+            .await
+            .expect("append");
+    }
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 10).await;
+    let per_route = |route: &str| batch.iter().filter(|d| d.route == route).count();
+    assert_eq!(
+        per_route("audit"),
+        3,
+        "ordering = none lets the entity's events run together"
+    );
+    assert_eq!(
+        per_route("ledger"),
+        1,
+        "the ordered route takes one at a time"
+    );
+}
+
+async fn a_lost_lease_in_a_batch_writes_nothing_for_it(f: &Fixture) {
+    f.store
+        .append_batch(&[order("A", 1), order("B", 1)])
+        .await
+        .expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 10).await;
+    assert_eq!(batch.len(), 2);
+    let mut stale = Completion::for_claim(
+        &batch[1],
+        "alpha",
+        Outcome::Delivered {
+            receipt: None,
+            emitted: vec![NewEvent::new("x.y", "x", "1", json!({}))],
+        },
+    );
+    stale.attempt += 1;
+    let results = f
+        .store
+        .complete(&[
+            Completion::for_claim(&batch[0], "alpha", Outcome::delivered()),
+            stale,
+        ])
+        .await
+        .expect("complete");
+    assert!(matches!(results[0], CompletionResult::Committed { .. }));
+    assert_eq!(results[1], CompletionResult::LeaseLost);
+    assert_eq!(f.count("SELECT count(*) FROM herald_attempts").await, 1);
+    assert_eq!(
+        f.count("SELECT count(*) FROM events WHERE event_type = 'x.y'")
+            .await,
+        0
+    );
+}
+
+async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
+    f.store.append(&order("A", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 10).await;
+    assert_eq!(
+        f.store
+            .release("beta", &[batch[0].delivery_id])
+            .await
+            .expect("release"),
+        0
+    );
+    assert_eq!(
+        f.store
+            .release("alpha", &[batch[0].delivery_id])
+            .await
+            .expect("release"),
+        1
+    );
+    let again = claim(f, "beta", 10).await;
+    assert_eq!(again[0].attempt, 1, "a released lease was not an attempt");
+}
+
+async fn list_filters_and_entity_history(f: &Fixture) {
+    f.store
+        .append_batch(&[
+            order("A", 1),
+            NewEvent::new("order.paid", "order", "A", json!({})),
+            order("B", 1),
+            NewEvent::new("user.created", "user", "u", json!({})),
+            NewEvent::new("order.shipped", "order", "A", json!({})),
+        ])
+        .await
+        .expect("append");
+    f.store.fan_out(100, &router).await.expect("fan out");
+
+    let newest = f
+        .store
+        .list_events(&EventFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        newest
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        vec!["order.shipped", "user.created"]
+    );
+    let created = f
+        .store
+        .list_events(&EventFilter {
+            event_type: Some("order.created".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(created.len(), 2);
+    let skipped = f
+        .store
+        .list_events(&EventFilter {
+            status: Some(EventStatus::Skipped),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].event_type, "user.created");
+
+    let history = f.store.entity_history("order", "A").await.expect("history");
+    assert_eq!(
+        history
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        vec!["order.created", "order.paid", "order.shipped"]
+    );
+    assert!(f
+        .store
+        .entity_history("order", "nope")
+        .await
+        .expect("history")
+        .is_empty());
+}
+
+async fn migrate_is_idempotent_and_schema_checks_pass(f: &Fixture) {
+    f.store.migrate().await.expect("second migrate");
+    f.store.check_schema().await.expect("schema is current");
+}
+
+// ---------------------------------------------------------------------------------------
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fixture = super::sqlite_fixture().await;
+                    super::$name(&fixture).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(schema) =
+                        herald_tests::PgSchema::create(concat!("store_", stringify!($name))).await
+                    else {
+                        return;
+                    };
+                    let fixture = super::postgres_fixture(&schema).await;
+                    super::$name(&fixture).await;
+                    drop(fixture);
+                    schema.drop().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    append_one_and_read_it_back,
+    bulk_append_is_all_or_nothing,
+    producer_inserts_only_the_seed_columns,
+    fan_out_routes_skips_and_refuses_visibly,
+    late_duplicate_of_an_already_handled_key,
+    concurrent_claimers_never_share_a_delivery,
+    a_live_lease_holds_and_an_expired_one_is_taken_over,
+    a_zero_lease_expires_at_once,
+    completion_writes_attempt_ledger_emits_and_status_together,
+    a_completed_key_is_reported_on_a_later_claim,
+    retry_waits_then_succeeds_with_every_attempt_logged,
+    dead_is_final_and_listed,
+    later_events_of_an_entity_wait_for_earlier_ones,
+    redrive_sends_dead_deliveries_again,
+    unordered_routes_do_not_wait,
+    a_lost_lease_in_a_batch_writes_nothing_for_it,
+    release_returns_leases_without_spending_an_attempt,
+    list_filters_and_entity_history,
+    migrate_is_idempotent_and_schema_checks_pass,
+);

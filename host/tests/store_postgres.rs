@@ -1,0 +1,167 @@
+//! Postgres-only behaviour: interleaved producer commits and several Herald instances,
+//! each with its own connection pool, on one database.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::store::{
+    self, ClaimRequest, Completion, CompletionResult, EventHead, EventStatus, EventStore, NewEvent,
+    OpenOptions, Outcome, RoutePlan,
+};
+use herald_tests::PgSchema;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+fn orders_route(_: &EventHead) -> Vec<RoutePlan> {
+    vec![RoutePlan::ordered("orders")]
+}
+
+async fn instance(schema: &PgSchema) -> Arc<dyn EventStore> {
+    let store = store::open(&schema.url, OpenOptions::default())
+        .await
+        .expect("open postgres store");
+    store.migrate().await.expect("migrate");
+    Arc::from(store)
+}
+
+async fn deliver_everything(store: &dyn EventStore, owner: &str) -> Vec<i64> {
+    store.fan_out(1000, &orders_route).await.expect("fan out");
+    let request = ClaimRequest {
+        owner: owner.into(),
+        limit: 100,
+        lease: Duration::from_secs(60),
+    };
+    let claimed = store.claim(&request).await.expect("claim");
+    let completions: Vec<Completion> = claimed
+        .iter()
+        .map(|c| Completion::for_claim(c, owner, Outcome::delivered()))
+        .collect();
+    let results = store.complete(&completions).await.expect("complete");
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, CompletionResult::Committed { .. })));
+    claimed.iter().map(|c| c.event.event_id).collect()
+}
+
+/// The classic outbox bug: a relay that remembers "highest id processed" skips an event
+/// whose transaction took its id early but committed after a higher id was processed.
+#[tokio::test]
+async fn an_event_committed_after_a_higher_id_was_delivered_is_still_delivered() {
+    let Some(schema) = PgSchema::create("store_pg_outbox_late_commit").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+
+    let mut slow_producer = PgConnection::connect(&schema.url)
+        .await
+        .expect("producer connection");
+    let mut slow_tx = slow_producer.begin().await.expect("begin");
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', 'late', '{}') RETURNING event_id",
+    )
+    .fetch_one(&mut *slow_tx)
+    .await
+    .expect("insert in the slow transaction");
+
+    let early_id = store
+        .append(&NewEvent::new("order.created", "order", "early", json!({})))
+        .await
+        .expect("append");
+    assert!(
+        late_id < early_id,
+        "the slow transaction holds the lower id"
+    );
+    assert_eq!(deliver_everything(&*store, "relay").await, vec![early_id]);
+
+    slow_tx.commit().await.expect("late commit");
+    assert_eq!(deliver_everything(&*store, "relay").await, vec![late_id]);
+    for id in [late_id, early_id] {
+        let detail = store
+            .event_detail(id)
+            .await
+            .expect("detail")
+            .expect("found");
+        assert_eq!(
+            detail.event.event_status,
+            EventStatus::Success,
+            "event {id}"
+        );
+        assert_eq!(detail.attempts.len(), 1, "event {id} delivered once");
+    }
+    drop(store);
+    schema.drop().await;
+}
+
+/// Two instances with their own pools race to fan out and claim the same backlog: every
+/// delivery is created once and claimed by exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_backlog_without_double_claims() {
+    let Some(schema) = PgSchema::create("store_pg_two_instances").await else {
+        return;
+    };
+    let a = instance(&schema).await;
+    let b = instance(&schema).await;
+    let events: Vec<NewEvent> = (0..400)
+        .map(|n| {
+            NewEvent::new(
+                "order.created",
+                "order",
+                format!("o-{}", n % 50),
+                json!({ "n": n }),
+            )
+        })
+        .collect();
+    a.append_batch(&events).await.expect("append");
+
+    let run = |store: Arc<dyn EventStore>, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut idle_rounds = 0;
+            while idle_rounds < 3 {
+                store.fan_out(64, &orders_route).await.expect("fan out");
+                let request = ClaimRequest {
+                    owner: owner.into(),
+                    limit: 16,
+                    lease: Duration::from_secs(60),
+                };
+                let claimed = store.claim(&request).await.expect("claim");
+                if claimed.is_empty() {
+                    idle_rounds += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                idle_rounds = 0;
+                let completions: Vec<Completion> = claimed
+                    .iter()
+                    .map(|c| Completion::for_claim(c, owner, Outcome::delivered()))
+                    .collect();
+                store.complete(&completions).await.expect("complete");
+                mine.extend(claimed.iter().map(|c| c.delivery_id));
+            }
+            mine
+        })
+    };
+    let (from_a, from_b) = tokio::join!(run(a.clone(), "a"), run(b.clone(), "b"));
+    let (from_a, from_b) = (from_a.expect("instance a"), from_b.expect("instance b"));
+
+    let all: HashSet<i64> = from_a.iter().chain(from_b.iter()).copied().collect();
+    assert_eq!(
+        all.len(),
+        from_a.len() + from_b.len(),
+        "no delivery claimed by both"
+    );
+    let remaining = a
+        .list_events(&store::EventFilter {
+            status: Some(EventStatus::Ready),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(remaining.is_empty(), "left READY: {remaining:?}");
+    assert_eq!(all.len(), 400, "one delivery per event, each delivered");
+    drop((a, b));
+    schema.drop().await;
+}
