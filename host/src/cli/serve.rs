@@ -1,0 +1,79 @@
+//! `herald serve`: run dispatch until SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::service::Service;
+use crate::store::{self, redact_url, EventStore, OpenOptions};
+
+use super::{context, GlobalArgs};
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "\
+Examples:
+  herald serve                         # with ./herald.toml
+  RUST_LOG=herald=debug herald serve --log-format json
+  herald serve --until-idle            # deliver what is due, then exit
+
+The store is migrated on start. Plugins are loaded from plugins_dir; a route whose plugin \
+is missing or broken stops the start with the reason. SIGTERM or SIGINT stops claiming, \
+lets the attempts in flight finish and record their outcomes, and exits 0.")]
+pub struct ServeArgs {
+    /// Exit once nothing is due instead of waiting for new events (deliveries waiting
+    /// for a later retry stay waiting)
+    #[arg(long)]
+    pub until_idle: bool,
+}
+
+pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<String> {
+    let config = context::config(global)?;
+    let choice = context::choose_store(global, &config);
+    let store: Arc<dyn EventStore> = Arc::from(
+        store::open(
+            &choice.url,
+            OpenOptions {
+                create_if_missing: true,
+            },
+        )
+        .await?,
+    );
+    store.migrate().await?;
+    let service = Service::build(&config, store).await?;
+    tracing::info!(
+        store = %redact_url(&choice.url),
+        plugins = ?service.plugins.names(),
+        routes = config.routes().count(),
+        "herald serving"
+    );
+    if args.until_idle {
+        service.dispatcher.drain().await?;
+        return Ok(String::new());
+    }
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        match shutdown_signal().await {
+            Ok(signal) => tracing::info!(
+                signal,
+                "stopping: no new claims, finishing attempts in flight"
+            ),
+            Err(err) => tracing::error!(%err, "cannot listen for shutdown signals; stopping"),
+        }
+        let _ = stop.send(true);
+    });
+    service.dispatcher.run(stopped).await;
+    tracing::info!("stopped");
+    Ok(String::new())
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

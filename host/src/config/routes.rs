@@ -1,0 +1,205 @@
+//! The service half of `herald.toml`: where plugins live, how dispatch runs, and the routes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::dispatch::RetryPolicy;
+
+/// `[dispatch]`: how this instance claims and runs work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Lease owner name; empty means `hostname-pid`.
+    pub instance_id: String,
+    pub batch_size: u32,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            instance_id: String::new(),
+            batch_size: 100,
+            concurrency: 32,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Per (entity_type, entity_id): a later event waits for the earlier ones.
+    #[default]
+    Entity,
+    /// No ordering: every event runs as soon as it is due.
+    None,
+}
+
+/// `[routes.retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let policy = RetryPolicy::default();
+        RetryConfig {
+            max_attempts: policy.max_attempts,
+            max_age: policy.max_age,
+            backoff_base: policy.backoff_base,
+            backoff_max: policy.backoff_max,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            max_age: self.max_age,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+        }
+    }
+}
+
+/// `[[routes]]`: which events go to which plugin, and what the plugin may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Globs over `event_type`, e.g. `["order.*"]`.
+    pub event_types: Vec<String>,
+    /// Only events with this `event_target`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The plugin's name: `PLUGINS_DIR/NAME.wasm`.
+    pub plugin: String,
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Hosts the plugin may call: `api.example.com`, `host:8443`, `*.example.com`.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Permit loopback/private/link-local destinations (off: SSRF protection).
+    #[serde(default)]
+    pub allow_private: bool,
+    #[serde(default = "default_time_limit", with = "humantime_serde")]
+    pub time_limit: Duration,
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u32,
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub http_timeout: Duration,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Handed to the plugin through `config.get`. Strings are passed as written, other
+    /// values as JSON; `"env:NAME"` is replaced by that environment variable.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+fn default_time_limit() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_memory_limit_mb() -> u32 {
+    64
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The largest memory a route may grant; also the engine's per-memory reservation.
+pub const MAX_MEMORY_LIMIT_MB: u32 = 1024;
+
+impl RouteConfig {
+    /// What is wrong with this route on its own, if anything.
+    pub(super) fn problem(&self, lease: Duration) -> Option<String> {
+        let name_ok = !self.name.is_empty()
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Some(format!(
+                "route name '{}' must be non-empty letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        let prefix = format!("route '{}'", self.name);
+        if self.event_types.is_empty() {
+            return Some(format!(
+                "{prefix}: event_types is empty; it would match nothing"
+            ));
+        }
+        if self.plugin.is_empty()
+            || self.plugin.contains(['/', '\\'])
+            || self.plugin.starts_with('.')
+        {
+            return Some(format!(
+                "{prefix}: plugin '{}' is not a plugin name",
+                self.plugin
+            ));
+        }
+        if self.time_limit.is_zero() || self.time_limit >= lease {
+            return Some(format!(
+                "{prefix}: time_limit must be above zero and below the dispatch lease ({})",
+                humantime::format_duration(lease)
+            ));
+        }
+        if self.memory_limit_mb == 0 || self.memory_limit_mb > MAX_MEMORY_LIMIT_MB {
+            return Some(format!(
+                "{prefix}: memory_limit_mb must be between 1 and {MAX_MEMORY_LIMIT_MB}"
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Some(format!("{prefix}: retry.max_attempts must be at least 1"));
+        }
+        if self.retry.backoff_base > self.retry.backoff_max {
+            return Some(format!(
+                "{prefix}: retry.backoff_base is above retry.backoff_max"
+            ));
+        }
+        None
+    }
+
+    /// The `config` table as the plugin sees it, `env:` references resolved.
+    pub fn resolved_config(&self) -> Result<BTreeMap<String, String>, String> {
+        self.config
+            .iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::String(text) => match text.strip_prefix("env:") {
+                        Some(var) => std::env::var(var).map_err(|_| {
+                            format!(
+                                "route '{}': config key '{key}' refers to environment variable {var}, which is not set",
+                                self.name
+                            )
+                        })?,
+                        None => text.clone(),
+                    },
+                    other => serde_json::to_string(other).map_err(|err| {
+                        format!("route '{}': config key '{key}': {err}", self.name)
+                    })?,
+                };
+                Ok((key.clone(), text))
+            })
+            .collect()
+    }
+}
