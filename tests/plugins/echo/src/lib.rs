@@ -1,0 +1,138 @@
+//! Test plugin `echo`: a well-behaved plugin whose behaviour the host's tests script
+//! through the event data and the route config.
+//!
+//! In order:
+//! 1. logs `echo <id> attempt <n> on <route>` at info;
+//! 2. data `{"fail_until_attempt": N}`: retry while the attempt is below N, after
+//!    `retry_after_ms` when the data also has it;
+//! 3. data `{"dead": "why"}`: dead with that reason;
+//! 4. config `emit_type` set: emits `emit_count` (default 1) events of that type for
+//!    the same entity, data `{"echo_of": <id>, "data": <the event's data>}`; a refused
+//!    emit is dead with the host's error;
+//! 5. delivered, receipt `<route>:<attempt>:<idempotency_key>`.
+
+use std::time::Duration;
+
+use herald_sdk::prelude::*;
+use serde_json::{json, Value};
+
+struct Echo;
+
+impl Plugin for Echo {
+    fn describe() -> PluginInfo {
+        PluginInfo::new("echo", env!("CARGO_PKG_VERSION"))
+            .event_type("*")
+            .config(ConfigKey::optional(
+                "emit_type",
+                "Emit events of this type for the same entity.",
+            ))
+            .config(ConfigKey::optional(
+                "emit_count",
+                "How many events to emit (default 1).",
+            ))
+    }
+
+    fn handle(event: Event) -> Outcome {
+        log::info(format!(
+            "echo {} attempt {} on {}",
+            event.id, event.attempt, event.route
+        ));
+        let data = event.data_json();
+
+        if let Some(until) = data.get("fail_until_attempt").and_then(Value::as_u64) {
+            if u64::from(event.attempt) < until {
+                let reason = format!("attempt {} of {until}", event.attempt);
+                return match data.get("retry_after_ms").and_then(Value::as_u64) {
+                    Some(ms) => Outcome::retry_after(Duration::from_millis(ms), reason),
+                    None => Outcome::retry(reason),
+                };
+            }
+        }
+
+        if let Some(reason) = data.get("dead") {
+            return Outcome::dead(match reason {
+                Value::String(reason) => reason.clone(),
+                other => other.to_string(),
+            });
+        }
+
+        if let Some(emit_type) = config::get("emit_type") {
+            let count = match config::parse::<u32>("emit_count") {
+                Ok(count) => count.unwrap_or(1),
+                Err(err) => return Outcome::dead(err.to_string()),
+            };
+            for _ in 0..count {
+                let echo = NewEvent::same_entity_as(&event, &emit_type)
+                    .data(json!({ "echo_of": event.id, "data": data }));
+                if let Err(err) = emit::emit(echo) {
+                    return Outcome::dead(format!("emit: {err}"));
+                }
+            }
+        }
+
+        Outcome::delivered_with(format!(
+            "{}:{}:{}",
+            event.route, event.attempt, event.idempotency_key
+        ))
+    }
+}
+
+herald_sdk::export_plugin!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_sdk::testing::{event, Harness};
+
+    #[test]
+    fn delivers_with_route_attempt_and_key() {
+        let run = Harness::new().run::<Echo>(
+            event("t")
+                .route("r")
+                .attempt(3)
+                .idempotency_key("k")
+                .build(),
+        );
+        assert_eq!(run.outcome, Outcome::delivered_with("r:3:k"));
+        assert!(run.emitted.is_empty());
+        assert_eq!(run.logs.len(), 1);
+    }
+
+    #[test]
+    fn retries_until_the_attempt() {
+        let data = json!({ "fail_until_attempt": 3, "retry_after_ms": 50 });
+        let second = Harness::new().run::<Echo>(event("t").attempt(2).data(&data).build());
+        assert_eq!(
+            second.outcome,
+            Outcome::retry_after(Duration::from_millis(50), "attempt 2 of 3")
+        );
+        let third = Harness::new().run::<Echo>(event("t").attempt(3).data(&data).build());
+        assert!(matches!(third.outcome, Outcome::Delivered { .. }));
+    }
+
+    #[test]
+    fn dies_on_request() {
+        let run = Harness::new().run::<Echo>(event("t").data(json!({ "dead": "no" })).build());
+        assert_eq!(run.outcome, Outcome::dead("no"));
+    }
+
+    #[test]
+    fn emits_for_the_same_entity() {
+        let run = Harness::new()
+            .config("emit_type", "t.echoed")
+            .config("emit_count", "2")
+            .emit_limit(1)
+            .run::<Echo>(event("t").entity("order", "o-1").build());
+        assert_eq!(run.emitted.len(), 1);
+        assert_eq!(run.emitted[0].event_type, "t.echoed");
+        assert_eq!(run.emitted[0].entity_id, "o-1");
+        assert_eq!(
+            run.emitted[0].data_json(),
+            json!({ "echo_of": 1, "data": {} })
+        );
+        assert_eq!(
+            run.outcome,
+            Outcome::dead("emit: emit limit of 1 events per attempt reached")
+        );
+    }
+}
