@@ -1,0 +1,337 @@
+//! Dispatch: fan new events out to routes, lease due deliveries, run each in its route's
+//! plugin, and record the outcome, with the route's retry policy applied.
+//!
+//! Per-entity order needs nothing here: the store only hands out the earliest open
+//! delivery of an entity on an ordered route, so every claimed delivery may run at once.
+
+mod outcome;
+mod retry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
+
+pub use outcome::dead_notice;
+pub use retry::{RetryDecision, RetryPolicy};
+
+use crate::router::Router;
+use crate::runtime::{PluginRegistry, PluginRuntime, RouteGrant};
+use crate::store::{
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, Outcome, StoreError,
+};
+
+/// A configured route as dispatch needs it.
+pub struct Route {
+    pub name: String,
+    pub plugin: String,
+    pub grant: Arc<RouteGrant>,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Recorded as lease owner and in every attempt row.
+    pub instance_id: String,
+    /// Events fanned out, and deliveries claimed, per round trip.
+    pub batch_size: u32,
+    /// Plugin calls in flight at once.
+    pub concurrency: usize,
+    /// How long a claim is held; longer than any route's time limit.
+    pub lease: Duration,
+    /// Sleep between polls when there is nothing to do.
+    pub poll_interval: Duration,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        DispatchSettings {
+            instance_id: default_instance_id(),
+            batch_size: 100,
+            concurrency: 32,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `hostname-pid`: unique among live instances, readable in the attempts log.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "herald".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub fanned_out: usize,
+    pub claimed: usize,
+}
+
+impl PassReport {
+    pub fn is_idle(&self) -> bool {
+        self.fanned_out == 0 && self.claimed == 0
+    }
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn EventStore>,
+    router: Arc<Router>,
+    routes: Arc<HashMap<String, Route>>,
+    plugins: Arc<PluginRegistry>,
+    runtime: Arc<PluginRuntime>,
+    settings: DispatchSettings,
+    slots: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        router: Arc<Router>,
+        routes: HashMap<String, Route>,
+        plugins: Arc<PluginRegistry>,
+        runtime: Arc<PluginRuntime>,
+        settings: DispatchSettings,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        Dispatcher {
+            store,
+            router,
+            routes: Arc::new(routes),
+            plugins,
+            runtime,
+            settings,
+            slots,
+        }
+    }
+
+    /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
+    /// once they are started, not finished.
+    pub async fn pass(&self) -> Result<PassReport, StoreError> {
+        let router = self.router.clone();
+        let fanned = self
+            .store
+            .fan_out(self.settings.batch_size, &move |head| {
+                router.plans_for(head)
+            })
+            .await?;
+        let free = self
+            .slots
+            .available_permits()
+            .min(self.settings.batch_size as usize);
+        if free == 0 {
+            return Ok(PassReport {
+                fanned_out: fanned.events(),
+                claimed: 0,
+            });
+        }
+        let claimed = self
+            .store
+            .claim(&ClaimRequest {
+                owner: self.settings.instance_id.clone(),
+                limit: free as u32,
+                lease: self.settings.lease,
+            })
+            .await?;
+        let report = PassReport {
+            fanned_out: fanned.events(),
+            claimed: claimed.len(),
+        };
+        for delivery in claimed {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                break;
+            };
+            let worker = self.worker();
+            let span = tracing::info_span!(
+                "delivery",
+                event_id = delivery.event.event_id,
+                route = %delivery.route,
+                attempt = delivery.attempt,
+                plugin = tracing::field::Empty,
+                version = tracing::field::Empty,
+            );
+            tokio::spawn(
+                async move {
+                    worker.deliver(delivery).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(report)
+    }
+
+    /// Wait until every started delivery has finished.
+    pub async fn wait_idle(&self) {
+        let all = self.settings.concurrency.max(1) as u32;
+        if let Ok(permits) = self.slots.acquire_many(all).await {
+            drop(permits);
+        }
+    }
+
+    /// Run passes until nothing is left to fan out or claim and nothing is in flight;
+    /// deliveries waiting for a later retry are left waiting. For the CLI and tests.
+    pub async fn drain(&self) -> Result<(), StoreError> {
+        loop {
+            let report = self.pass().await?;
+            if report.is_idle() {
+                self.wait_idle().await;
+                if self.pass().await?.is_idle() {
+                    self.wait_idle().await;
+                    return Ok(());
+                }
+            } else if report.claimed == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Poll until `shutdown` turns true, then let in-flight deliveries finish.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        while !*shutdown.borrow() {
+            let idle = match self.pass().await {
+                Ok(report) => report.is_idle(),
+                Err(err) => {
+                    tracing::error!(%err, "dispatch pass failed; retrying after the poll interval");
+                    true
+                }
+            };
+            if idle || self.slots.available_permits() == 0 {
+                let wait = if idle {
+                    self.settings.poll_interval
+                } else {
+                    Duration::from_millis(5)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        self.wait_idle().await;
+    }
+
+    fn worker(&self) -> Worker {
+        Worker {
+            store: self.store.clone(),
+            routes: self.routes.clone(),
+            plugins: self.plugins.clone(),
+            runtime: self.runtime.clone(),
+            owner: self.settings.instance_id.clone(),
+        }
+    }
+}
+
+/// Everything one delivery needs, owned so it can run on its own task.
+struct Worker {
+    store: Arc<dyn EventStore>,
+    routes: Arc<HashMap<String, Route>>,
+    plugins: Arc<PluginRegistry>,
+    runtime: Arc<PluginRuntime>,
+    owner: String,
+}
+
+impl Worker {
+    async fn deliver(&self, delivery: ClaimedDelivery) {
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let (outcome, plugin_version) = self.decide(&delivery).await;
+        let host_events = match &outcome {
+            Outcome::Dead { reason } => dead_notice(&delivery, reason).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        tracing::debug!(outcome = ?outcome.attempt_outcome(), detail = ?outcome.detail(), "attempt finished");
+        let completion = Completion {
+            delivery_id: delivery.delivery_id,
+            owner: self.owner.clone(),
+            attempt: delivery.attempt,
+            outcome,
+            plugin_version,
+            started_at,
+            duration: clock.elapsed(),
+            host_events,
+        };
+        match self.store.complete(&[completion]).await {
+            Ok(results) if results.first() == Some(&CompletionResult::LeaseLost) => {
+                tracing::warn!("lease lost before the outcome was recorded; another instance owns the delivery now");
+            }
+            Ok(_) => {}
+            // The lease runs out and the delivery is claimed again: at least once, and the
+            // sink dedups on the idempotency key.
+            Err(err) => {
+                tracing::error!(%err, "could not record the outcome; the delivery will run again")
+            }
+        }
+    }
+
+    async fn decide(&self, delivery: &ClaimedDelivery) -> (Outcome, Option<String>) {
+        let Some(route) = self.routes.get(&delivery.route) else {
+            return (
+                Outcome::Retry {
+                    after: Duration::from_secs(60),
+                    reason: format!(
+                        "route '{}' is not configured on this instance",
+                        delivery.route
+                    ),
+                },
+                None,
+            );
+        };
+        if let Some(done) = &delivery.already_completed {
+            return (
+                Outcome::Delivered {
+                    receipt: Some(format!(
+                        "not run again: key '{}' completed at {} (idempotency ledger)",
+                        done.idempotency_key, done.completed_at
+                    )),
+                    emitted: Vec::new(),
+                },
+                None,
+            );
+        }
+        let Some(plugin) = self.plugins.get(&route.plugin) else {
+            return (
+                route_failure(
+                    route,
+                    delivery,
+                    format!("plugin '{}' is not loaded", route.plugin),
+                    None,
+                ),
+                None,
+            );
+        };
+        let span = tracing::Span::current();
+        span.record("plugin", plugin.name.as_str());
+        span.record("version", plugin.short_version());
+        let event = outcome::plugin_event(delivery);
+        let report = self.runtime.call(&plugin, route.grant.clone(), event).await;
+        let outcome = outcome::store_outcome(route, delivery, report);
+        (outcome, Some(plugin.version.clone()))
+    }
+}
+
+/// A failed attempt under the route's retry policy: retry later or give up.
+fn route_failure(
+    route: &Route,
+    delivery: &ClaimedDelivery,
+    reason: String,
+    requested: Option<Duration>,
+) -> Outcome {
+    let age = (Utc::now() - delivery.event.created_at)
+        .to_std()
+        .unwrap_or_default();
+    let attempt = u32::try_from(delivery.attempt).unwrap_or(u32::MAX);
+    match route.retry.after_failure(attempt, age, requested) {
+        RetryDecision::RetryAfter(after) => Outcome::Retry { after, reason },
+        RetryDecision::GiveUp(why) => Outcome::Dead {
+            reason: format!("{reason}; {why}"),
+        },
+    }
+}

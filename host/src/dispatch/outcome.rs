@@ -1,0 +1,121 @@
+//! Translating between the store's view of a delivery and the plugin's, both ways.
+
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{route_failure, Route};
+use crate::runtime::{CallReport, Event as PluginEvent, Outcome as PluginOutcome};
+use crate::store::{ClaimedDelivery, NewEvent, Outcome};
+
+/// The event as the plugin sees it.
+pub(super) fn plugin_event(delivery: &ClaimedDelivery) -> PluginEvent {
+    let event = &delivery.event;
+    let headers = event
+        .headers
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
+        .map(|map| {
+            map.into_iter()
+                .map(|(name, value)| match value {
+                    Value::String(text) => (name, text),
+                    other => (name, other.to_string()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    PluginEvent {
+        id: event.event_id,
+        event_type: event.event_type.clone(),
+        target: event.event_target.clone(),
+        entity_type: event.entity_type.clone(),
+        entity_id: event.entity_id.clone(),
+        data: event.event_data.clone().unwrap_or_else(|| "null".into()),
+        headers,
+        created_at_ms: event.created_at.timestamp_millis(),
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        attempt: u32::try_from(delivery.attempt).unwrap_or(u32::MAX),
+        idempotency_key: delivery.idempotency_key.clone(),
+        route: delivery.route.clone(),
+    }
+}
+
+/// The plugin's verdict, or its fault, as the outcome the store records.
+pub(super) fn store_outcome(
+    route: &Route,
+    delivery: &ClaimedDelivery,
+    report: CallReport,
+) -> Outcome {
+    match report.outcome {
+        Ok(PluginOutcome::Delivered(receipt)) => Outcome::Delivered {
+            receipt,
+            emitted: report
+                .emitted
+                .into_iter()
+                .map(|event| with_causation(event, delivery))
+                .collect(),
+        },
+        Ok(PluginOutcome::Skip(reason)) => Outcome::Skipped { reason },
+        Ok(PluginOutcome::Dead(reason)) => Outcome::Dead { reason },
+        Ok(PluginOutcome::Retry(request)) => route_failure(
+            route,
+            delivery,
+            request.reason,
+            request.after_ms.map(Duration::from_millis),
+        ),
+        Err(fault) => route_failure(route, delivery, fault.to_string(), None),
+    }
+}
+
+/// Emitted events point back at the event that caused them and carry its trace.
+fn with_causation(mut event: NewEvent, cause: &ClaimedDelivery) -> NewEvent {
+    let headers = event.headers.get_or_insert_with(Map::new);
+    headers
+        .entry("causation_id")
+        .or_insert_with(|| Value::String(cause.event.event_id.to_string()));
+    if let Some(traceparent) = cause
+        .event
+        .headers
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
+        .and_then(|map| map.get("traceparent").cloned())
+    {
+        headers.entry("traceparent").or_insert(traceparent);
+    }
+    event
+}
+
+/// The `herald.delivery.dead` event the host appends when a delivery goes DEAD, for saga
+/// compensators. Its key makes a second death of the same delivery (after a redrive) a
+/// DUPLICATE, so a compensation runs once. Dead notices do not beget dead notices.
+pub fn dead_notice(delivery: &ClaimedDelivery, reason: &str) -> Option<NewEvent> {
+    let event = &delivery.event;
+    if event.event_type.starts_with("herald.") {
+        return None;
+    }
+    let data = event
+        .event_data
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+        .unwrap_or(Value::Null);
+    let mut notice = NewEvent::new(
+        "herald.delivery.dead",
+        event.entity_type.clone(),
+        event.entity_id.clone(),
+        json!({
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "entity_type": event.entity_type,
+            "entity_id": event.entity_id,
+            "route": delivery.route,
+            "reason": reason,
+            "data": data,
+        }),
+    )
+    .with_key(format!("herald.dead:{}:{}", event.event_id, delivery.route));
+    notice.headers = Some(Map::from_iter([(
+        "causation_id".to_string(),
+        Value::String(event.event_id.to_string()),
+    )]));
+    Some(notice)
+}

@@ -1,0 +1,87 @@
+//! The one wasmtime engine of the process: pooling allocator, epoch interruption, and a
+//! linker that knows WASI (granting nothing) and Herald's capabilities.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::Plugin;
+use super::host::HostState;
+
+/// Sizing of the engine; fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Plugin instances alive at once; dispatch concurrency must not exceed it.
+    pub max_instances: u32,
+    /// The largest memory any route may grant.
+    pub max_memory: usize,
+    /// Granularity of time limits.
+    pub epoch_tick: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_instances: 64,
+            max_memory: 256 << 20,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine> {
+    let instances = settings.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    // A rustc component holds a few core instances (its module plus shims), one memory
+    // and a couple of tables; leave room for other toolchains' layouts.
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * 8)
+        .total_memories(instances * 2)
+        .total_tables(instances * 4)
+        .total_stacks(instances)
+        .max_memory_size(settings.max_memory);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+pub(super) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
+    Ok(linker)
+}
+
+/// Advances the engine's epoch on a plain thread, so time limits hold even when every
+/// tokio worker is busy running plugins.
+pub(super) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("herald-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(EpochTicker { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

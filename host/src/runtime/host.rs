@@ -1,0 +1,247 @@
+//! The state behind one plugin call and the capabilities it is granted.
+//!
+//! A fresh `HostState` is built for every call, so nothing a plugin does in one call is
+//! visible in the next. WASI is linked (a Rust `wasm32-wasip2` component imports it) but
+//! its context grants nothing: no preopened directories, no environment, no arguments,
+//! no sockets, stdin closed, stdout discarded; stderr is kept (capped) so a panic message
+//! reaches the attempts log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{config, emit, herald::plugin::types, http, log};
+use super::limits::CallLimits;
+use crate::capabilities::http::{HttpCapability, HttpFailure, OutboundRequest};
+use crate::store::NewEvent;
+
+/// Bytes of a plugin's stderr kept per call (beyond it, writes trap).
+const STDERR_CAPACITY: usize = 64 << 10;
+
+/// What a route grants its plugin; shared by every call on the route.
+pub struct RouteGrant {
+    pub route: String,
+    pub plugin: String,
+    /// The route's config with `env:` secrets already resolved.
+    pub config: BTreeMap<String, String>,
+    /// `None` when the route allows no HTTP hosts.
+    pub http: Option<HttpCapability>,
+    pub limits: CallLimits,
+}
+
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    grant: Arc<RouteGrant>,
+    event_id: i64,
+    pub(super) stderr: MemoryOutputPipe,
+    pub(super) emitted: Vec<NewEvent>,
+    log_bytes: usize,
+    log_truncated: bool,
+    /// Set when the plugin asked for more memory than the route allows.
+    pub(super) memory_refused: Option<usize>,
+}
+
+impl HostState {
+    pub fn new(grant: Arc<RouteGrant>, event_id: i64) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let wasi = WasiCtx::builder()
+            .stdout(SinkOutputStream)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            grant,
+            event_id,
+            stderr,
+            emitted: Vec::new(),
+            log_bytes: 0,
+            log_truncated: false,
+            memory_refused: None,
+        }
+    }
+
+    /// The plugin's stderr, for the attempts log: the last lines, where a panic message is.
+    pub(super) fn stderr_tail(&self, max: usize) -> Option<String> {
+        let bytes = self.stderr.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let start = text.len().saturating_sub(max);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        Some(text[start..].replace('\n', " | "))
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.grant.limits.memory {
+            self.memory_refused = Some(desired);
+            // An error (not `Ok(false)`) traps at once: a Rust guest would otherwise abort
+            // with a less telling "memory allocation failed".
+            wasmtime::bail!(
+                "memory limit of {} bytes exceeded (asked for {desired})",
+                self.grant.limits.memory
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl types::Host for HostState {}
+
+impl http::Host for HostState {
+    async fn send(&mut self, request: http::Request) -> Result<http::Response, http::Error> {
+        let Some(capability) = self.grant.http.clone() else {
+            return Err(http::Error::Denied(format!(
+                "route '{}' allows no HTTP hosts (set allowed_hosts)",
+                self.grant.route
+            )));
+        };
+        let outbound = OutboundRequest {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+            timeout: request
+                .timeout_ms
+                .map(|ms| std::time::Duration::from_millis(u64::from(ms))),
+        };
+        match capability.send(outbound).await {
+            Ok(response) => Ok(http::Response {
+                status: response.status,
+                headers: response.headers,
+                body: response.body,
+            }),
+            Err(failure) => {
+                tracing::debug!(
+                    event_id = self.event_id,
+                    route = %self.grant.route,
+                    %failure,
+                    "plugin HTTP request failed"
+                );
+                Err(match failure {
+                    HttpFailure::Denied(why) => http::Error::Denied(why),
+                    HttpFailure::InvalidRequest(why) => http::Error::InvalidRequest(why),
+                    HttpFailure::Timeout => http::Error::Timeout,
+                    HttpFailure::Connect(why) => http::Error::Connect(why),
+                    HttpFailure::TooLarge(cap) => http::Error::TooLarge(cap),
+                    HttpFailure::Other(why) => http::Error::Other(why),
+                })
+            }
+        }
+    }
+}
+
+impl emit::Host for HostState {
+    async fn emit(&mut self, event: emit::NewEvent) -> Result<(), emit::EmitError> {
+        let limits = &self.grant.limits;
+        if self.emitted.len() >= limits.max_emits as usize {
+            return Err(emit::EmitError::LimitReached(limits.max_emits));
+        }
+        if event.data.len() > limits.max_emit_bytes {
+            return Err(emit::EmitError::Invalid(format!(
+                "data is {} bytes, over the limit of {}",
+                event.data.len(),
+                limits.max_emit_bytes
+            )));
+        }
+        let data: serde_json::Value = serde_json::from_str(&event.data)
+            .map_err(|err| emit::EmitError::Invalid(format!("data is not valid JSON: {err}")))?;
+        let headers: serde_json::Map<String, serde_json::Value> = event
+            .headers
+            .into_iter()
+            .map(|(name, value)| (name, serde_json::Value::String(value)))
+            .collect();
+        let new_event = NewEvent {
+            event_type: event.event_type,
+            entity_type: event.entity_type,
+            entity_id: event.entity_id,
+            event_data: data,
+            event_target: event.target,
+            idempotency_key: event.idempotency_key,
+            headers: Some(headers),
+        };
+        new_event.validate().map_err(emit::EmitError::Invalid)?;
+        self.emitted.push(new_event);
+        Ok(())
+    }
+}
+
+impl log::Host for HostState {
+    async fn log(&mut self, level: log::Level, message: String) {
+        let budget = self.grant.limits.max_log_bytes;
+        if self.log_bytes >= budget {
+            if !self.log_truncated {
+                self.log_truncated = true;
+                tracing::warn!(
+                    event_id = self.event_id,
+                    route = %self.grant.route,
+                    plugin = %self.grant.plugin,
+                    "plugin log budget of {budget} bytes spent; further lines of this call dropped"
+                );
+            }
+            return;
+        }
+        let room = budget - self.log_bytes;
+        let mut message = message;
+        if message.len() > room {
+            let cut = (0..=room)
+                .rev()
+                .find(|i| message.is_char_boundary(*i))
+                .unwrap_or(0);
+            message.truncate(cut);
+            message.push_str(" …[truncated]");
+        }
+        self.log_bytes += message.len();
+        let (event_id, route, plugin) = (self.event_id, &self.grant.route, &self.grant.plugin);
+        match level {
+            log::Level::Trace => tracing::trace!(event_id, %route, %plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(event_id, %route, %plugin, "{message}"),
+            log::Level::Info => tracing::info!(event_id, %route, %plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(event_id, %route, %plugin, "{message}"),
+            log::Level::Error => tracing::error!(event_id, %route, %plugin, "{message}"),
+        }
+    }
+}
+
+impl config::Host for HostState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.grant.config.get(&key).cloned()
+    }
+}

@@ -1,0 +1,146 @@
+//! Assembling a running Herald from its config: the plugin runtime, the plugins, the
+//! routes with their grants, and the dispatcher over the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::capabilities::http::{HttpCapability, HttpPolicy};
+use crate::config::{Config, Ordering, RouteConfig};
+use crate::dispatch::{default_instance_id, DispatchSettings, Dispatcher, Route};
+use crate::router::{RouteMatch, Router};
+use crate::runtime::{CallLimits, EngineSettings, PluginRegistry, PluginRuntime, RouteGrant};
+use crate::store::EventStore;
+
+/// Why the service cannot start; each names the route, plugin or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Route(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Plugin(#[from] crate::runtime::LoadError),
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+}
+
+pub struct Service {
+    pub runtime: Arc<PluginRuntime>,
+    pub plugins: Arc<PluginRegistry>,
+    pub dispatcher: Dispatcher,
+}
+
+impl Service {
+    /// Load the plugins of `config.plugins_dir()` and check every route against them.
+    pub async fn build(
+        config: &Config,
+        store: Arc<dyn EventStore>,
+    ) -> Result<Service, ServiceError> {
+        let dispatch = config.dispatch();
+        let max_memory_mb = config
+            .routes()
+            .map(|r| r.memory_limit_mb)
+            .max()
+            .unwrap_or(64);
+        let runtime = Arc::new(PluginRuntime::new(EngineSettings {
+            // Dispatch never runs more calls than `concurrency`; a little headroom for
+            // deploy checks running beside it.
+            max_instances: u32::try_from(dispatch.concurrency)
+                .unwrap_or(u32::MAX)
+                .saturating_add(4),
+            max_memory: (max_memory_mb as usize) << 20,
+            ..EngineSettings::default()
+        })?);
+        let plugins = Arc::new(PluginRegistry::default());
+        let dir = config.plugins_dir();
+        if dir.is_dir() {
+            for failure in plugins.load_dir(&runtime, &dir).await? {
+                tracing::error!(%failure, "plugin refused");
+            }
+        } else if config.routes().next().is_some() {
+            return Err(ServiceError::Route(format!(
+                "plugins_dir {} does not exist",
+                dir.display()
+            )));
+        }
+
+        let mut routes = HashMap::new();
+        let mut matches = Vec::new();
+        for spec in config.routes() {
+            if plugins.get(&spec.plugin).is_none() {
+                return Err(ServiceError::Route(format!(
+                    "route '{}': plugin '{}' is not loaded (expected {} to be a valid plugin)",
+                    spec.name,
+                    spec.plugin,
+                    dir.join(format!("{}.wasm", spec.plugin)).display()
+                )));
+            }
+            routes.insert(spec.name.clone(), route(spec)?);
+            matches.push(RouteMatch {
+                route: spec.name.clone(),
+                event_types: spec.event_types.clone(),
+                target: spec.target.clone(),
+                ordered: spec.ordering == Ordering::Entity,
+            });
+        }
+        let router = Arc::new(Router::new(&matches)?);
+        let settings = DispatchSettings {
+            instance_id: if dispatch.instance_id.is_empty() {
+                default_instance_id()
+            } else {
+                dispatch.instance_id.clone()
+            },
+            batch_size: dispatch.batch_size.max(1),
+            concurrency: dispatch.concurrency.max(1),
+            lease: dispatch.lease,
+            poll_interval: dispatch.poll_interval,
+        };
+        let dispatcher = Dispatcher::new(
+            store,
+            router,
+            routes,
+            plugins.clone(),
+            runtime.clone(),
+            settings,
+        );
+        Ok(Service {
+            runtime,
+            plugins,
+            dispatcher,
+        })
+    }
+}
+
+fn route(spec: &RouteConfig) -> Result<Route, ServiceError> {
+    let config = spec.resolved_config().map_err(ServiceError::Route)?;
+    let http = if spec.allowed_hosts.is_empty() {
+        None
+    } else {
+        let policy = HttpPolicy {
+            route: spec.name.clone(),
+            allowed_hosts: spec.allowed_hosts.clone(),
+            allow_private: spec.allow_private,
+            default_timeout: spec.http_timeout,
+            max_timeout: spec.time_limit,
+            ..HttpPolicy::default()
+        };
+        Some(HttpCapability::new(policy).map_err(|err| ServiceError::Route(err.to_string()))?)
+    };
+    let limits = CallLimits {
+        time: spec.time_limit,
+        memory: (spec.memory_limit_mb as usize) << 20,
+        ..CallLimits::default()
+    };
+    Ok(Route {
+        name: spec.name.clone(),
+        plugin: spec.plugin.clone(),
+        grant: Arc::new(RouteGrant {
+            route: spec.name.clone(),
+            plugin: spec.plugin.clone(),
+            config,
+            http,
+            limits,
+        }),
+        retry: spec.retry.policy(),
+    })
+}

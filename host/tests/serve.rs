@@ -1,0 +1,166 @@
+//! `herald serve` as ops run it: a real process, the real plugins, a real receiver, the
+//! CLI beside it, and SIGTERM to stop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use herald_tests::sink::{Reply, Sink};
+
+fn herald(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run herald")
+}
+
+fn stdout_json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "herald failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+fn plugins_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    assert!(
+        dir.join("webhook.wasm").is_file(),
+        "no plugins in {}: run tests/build-plugins first (tests/run does)",
+        dir.display()
+    );
+    dir
+}
+
+async fn wait_for_status(config: &Path, id: i64, status: &str) {
+    let wait = async {
+        loop {
+            let shown = stdout_json(&herald(
+                config,
+                &["events", "show", &id.to_string(), "--json"],
+            ));
+            if shown["event_status"] == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .is_err()
+    {
+        panic!("event {id} did not reach {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_delivers_redrives_and_stops_on_sigterm() {
+    let sink = Sink::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "store = \"sqlite://herald.db\"\nplugins_dir = {:?}\n\n[dispatch]\npoll_interval = \"20ms\"\n\n\
+             [[routes]]\nname = \"hooks\"\nevent_types = [\"order.*\"]\nplugin = \"webhook\"\n\
+             allowed_hosts = [\"{}\"]\nallow_private = true\n[routes.config]\nurl = \"{}\"\n",
+            plugins_dir().display().to_string(),
+            sink.address,
+            sink.url("/orders")
+        ),
+    )
+    .expect("write config");
+    assert!(herald(&config, &["migrate"]).status.success());
+
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald serve");
+
+    let appended = stdout_json(&herald(
+        &config,
+        &[
+            "--json",
+            "events",
+            "append",
+            "--type",
+            "order.created",
+            "--entity-type",
+            "order",
+            "--entity-id",
+            "1",
+            "--data",
+            "{\"total\": 3}",
+        ],
+    ));
+    let first = appended["event_id"].as_i64().expect("event id");
+    sink.wait_for(1, Duration::from_secs(30)).await;
+    wait_for_status(&config, first, "SUCCESS").await;
+
+    sink.script([Reply::Status(410)]);
+    let appended = stdout_json(&herald(
+        &config,
+        &[
+            "--json",
+            "events",
+            "append",
+            "--type",
+            "order.paid",
+            "--entity-type",
+            "order",
+            "--entity-id",
+            "2",
+            "--data",
+            "{}",
+        ],
+    ));
+    let second = appended["event_id"].as_i64().expect("event id");
+    wait_for_status(&config, second, "DEAD").await;
+    let dead = stdout_json(&herald(&config, &["--json", "deliveries", "dead"]));
+    assert_eq!(dead.as_array().map(Vec::len), Some(1), "{dead}");
+    assert_eq!(dead[0]["event_id"], second);
+    let redriven = stdout_json(&herald(
+        &config,
+        &["--json", "deliveries", "redrive", "--all"],
+    ));
+    assert_eq!(redriven["redriven"], 1);
+    wait_for_status(&config, second, "SUCCESS").await;
+    assert_eq!(sink.requests().len(), 3);
+
+    let pid = serve.id().expect("serve is running").to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), serve.wait())
+        .await
+        .expect("serve stops after SIGTERM")
+        .expect("wait for serve");
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[test]
+fn serve_refuses_a_route_whose_plugin_is_missing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("herald.toml");
+    std::fs::create_dir(dir.path().join("plugins")).expect("plugins dir");
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"hooks\"\nevent_types = [\"order.*\"]\nplugin = \"webhok\"\n",
+    )
+    .expect("write config");
+    let output = herald(&config, &["serve", "--until-idle"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("route 'hooks': plugin 'webhok' is not loaded"),
+        "{stderr}"
+    );
+}

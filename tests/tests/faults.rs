@@ -1,0 +1,231 @@
+//! Faults: plugins that trap, loop, exhaust memory or try to escape the sandbox, SSRF
+//! attempts, and a crash between a plugin's success and the commit of its outcome.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::Herald;
+use herald::store::{
+    Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery, DeliveryFilter,
+    Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport, NewEvent,
+    RedriveSelection, Router, StoreError, StoreResult,
+};
+use herald_tests::sink::Sink;
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn route(name: &str, types: &str, plugin: &str, extra: &str) -> String {
+    format!(
+        "\n[[routes]]\nname = \"{name}\"\nevent_types = [\"{types}\"]\nplugin = \"{plugin}\"\n{extra}\n[routes.retry]\nmax_attempts = 1\n"
+    )
+}
+
+fn event(event_type: &str, entity: &str) -> NewEvent {
+    NewEvent::new(event_type, "thing", entity, json!({}))
+}
+
+async fn only_reason(herald: &Herald, id: i64) -> String {
+    let detail = herald.detail(id).await;
+    assert_eq!(detail.event.event_status, EventStatus::Dead, "{detail:?}");
+    assert_eq!(detail.attempts.len(), 1);
+    detail.attempts[0].detail.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faulty_plugins_fail_their_attempt_and_nothing_else() {
+    let routes = [
+        route("trap", "fault.trap", "trap", ""),
+        route("spin", "fault.spin", "spin", "time_limit = \"300ms\""),
+        route("bomb", "fault.bomb", "memory-bomb", "memory_limit_mb = 16"),
+        route("fine", "ok.*", "echo", "ordering = \"none\""),
+    ]
+    .concat();
+    let herald = Herald::sqlite(&routes).await;
+    let trap = herald.append(event("fault.trap", "t")).await;
+    let spin = herald.append(event("fault.spin", "s")).await;
+    let bomb = herald.append(event("fault.bomb", "b")).await;
+    let mut fine = Vec::new();
+    for n in 0..20 {
+        fine.push(herald.append(event("ok.tick", &format!("e{n}"))).await);
+    }
+    herald.settle(LIMIT).await;
+
+    let reason = only_reason(&herald, trap).await;
+    assert!(reason.starts_with("plugin trapped:"), "{reason}");
+    let reason = only_reason(&herald, spin).await;
+    assert!(
+        reason.starts_with("plugin exceeded its time limit of 300ms"),
+        "{reason}"
+    );
+    let reason = only_reason(&herald, bomb).await;
+    assert!(
+        reason.starts_with("plugin exceeded its memory limit of 16777216 bytes"),
+        "{reason}"
+    );
+    for id in fine {
+        assert_eq!(herald.status(id).await, EventStatus::Success, "event {id}");
+    }
+
+    // The host is healthy: the same plugins still run new events.
+    let after = herald.append(event("ok.tick", "after")).await;
+    herald.settle(LIMIT).await;
+    assert_eq!(herald.status(after).await, EventStatus::Success);
+    herald.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_has_no_filesystem_environment_or_network() {
+    let herald = Herald::sqlite(&route("escape", "escape.*", "escape", "")).await;
+    let id = herald.append(event("escape.try", "x")).await;
+    herald.settle(LIMIT).await;
+    let reason = only_reason(&herald, id).await;
+    assert!(
+        !reason.contains("DATA("),
+        "the sandbox let something through: {reason}"
+    );
+    for probe in ["fs=err(", "env=err(", "net=err("] {
+        assert!(reason.contains(probe), "{probe} missing: {reason}");
+    }
+    herald.finish().await;
+}
+
+fn webhook(name: &str, sink: &Sink, allowed: &str, allow_private: bool) -> String {
+    format!(
+        "\n[[routes]]\nname = \"{name}\"\nevent_types = [\"{name}.*\"]\nplugin = \"webhook\"\nallowed_hosts = [\"{allowed}\"]\nallow_private = {allow_private}\n[routes.retry]\nmax_attempts = 1\n[routes.config]\nurl = \"{}\"\n",
+        sink.url("/hook")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disallowed_hosts_and_private_addresses_are_refused() {
+    let sink = Sink::start().await;
+    let routes = [
+        webhook("elsewhere", &sink, "hooks.example.com", false),
+        webhook("private", &sink, &sink.address, false),
+    ]
+    .concat();
+    let herald = Herald::sqlite(&routes).await;
+    let elsewhere = herald.append(event("elsewhere.x", "1")).await;
+    let private = herald.append(event("private.x", "1")).await;
+    herald.settle(LIMIT).await;
+
+    let reason = only_reason(&herald, elsewhere).await;
+    assert!(
+        reason.contains("not in the allowed hosts of route 'elsewhere'"),
+        "{reason}"
+    );
+    let reason = only_reason(&herald, private).await;
+    assert!(
+        reason.contains("127.0.0.1 is a loopback address"),
+        "{reason}"
+    );
+    assert!(sink.requests().is_empty(), "nothing reached the sink");
+    herald.finish().await;
+}
+
+/// Delegates to a real store, but the first `fail` completions error out after the
+/// plugin ran: the process "crashed" between the effect and the commit.
+struct CrashBeforeCommit {
+    inner: Arc<dyn EventStore>,
+    remaining: AtomicUsize,
+}
+
+#[async_trait]
+impl EventStore for CrashBeforeCommit {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn migrate(&self) -> StoreResult<()> {
+        self.inner.migrate().await
+    }
+    async fn check_schema(&self) -> StoreResult<()> {
+        self.inner.check_schema().await
+    }
+    async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
+        self.inner.append_batch(events).await
+    }
+    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
+        self.inner.fan_out(limit, router).await
+    }
+    async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        self.inner.claim(request).await
+    }
+    async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
+        let crashed = self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if crashed {
+            return Err(StoreError::Invariant("injected crash before commit".into()));
+        }
+        self.inner.complete(completions).await
+    }
+    async fn release(&self, owner: &str, ids: &[i64]) -> StoreResult<u64> {
+        self.inner.release(owner, ids).await
+    }
+    async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {
+        self.inner.list_events(filter).await
+    }
+    async fn event_detail(&self, id: i64) -> StoreResult<Option<EventDetail>> {
+        self.inner.event_detail(id).await
+    }
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> StoreResult<Vec<Delivery>> {
+        self.inner.list_deliveries(filter).await
+    }
+    async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64> {
+        self.inner.redrive(selection).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_effect_before_the_commit_causes_no_second_effect() {
+    let sink = Sink::start().await;
+    let routes = format!(
+        "\n[[routes]]\nname = \"hooks\"\nevent_types = [\"order.*\"]\nplugin = \"webhook\"\nallowed_hosts = [\"{}\"]\nallow_private = true\ntime_limit = \"500ms\"\n[routes.config]\nurl = \"{}\"\n",
+        sink.address,
+        sink.url("/hook")
+    );
+    let herald = Herald::sqlite_wrapped(
+        "lease = \"1s\"\npoll_interval = \"20ms\"",
+        &routes,
+        |inner| {
+            Arc::new(CrashBeforeCommit {
+                inner,
+                remaining: AtomicUsize::new(1),
+            })
+        },
+    )
+    .await;
+    let id = herald
+        .append(NewEvent::new("order.created", "order", "o-1", json!({})))
+        .await;
+    herald.settle(LIMIT).await;
+
+    let requests = sink.requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "the lease expired and the delivery ran again"
+    );
+    let accepted = sink.accepted();
+    assert_eq!(accepted.len(), 1, "one key, so one effect: {accepted:?}");
+    assert_eq!(
+        accepted.values().next(),
+        Some(&2),
+        "the repeat carried the same key"
+    );
+    let detail = herald.detail(id).await;
+    assert_eq!(detail.event.event_status, EventStatus::Success);
+    assert_eq!(
+        detail.attempts.len(),
+        1,
+        "only the committed attempt is on record"
+    );
+    assert_eq!(detail.attempts[0].attempt, 2);
+    herald.finish().await;
+}
