@@ -229,3 +229,23 @@ async fn a_crash_after_the_effect_before_the_commit_causes_no_second_effect() {
     assert_eq!(detail.attempts[0].attempt, 2);
     herald.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emits_past_the_per_call_limit_are_refused_and_nothing_is_committed() {
+    let herald = Herald::sqlite(&route(
+        "chatty",
+        "chatty.*",
+        "echo",
+        "[routes.config]\nemit_type = \"chatty.echo\"\nemit_count = 101",
+    ))
+    .await;
+    let id = herald.append(event("chatty.talk", "c")).await;
+    herald.settle(LIMIT).await;
+    let reason = only_reason(&herald, id).await;
+    assert!(
+        reason.contains("emit") && reason.contains("100"),
+        "{reason}"
+    );
+    assert!(herald.events_of_type("chatty.echo").await.is_empty());
+    herald.finish().await;
+}

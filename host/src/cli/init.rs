@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::config::{Config, StoreChoice, StoreSource, DEFAULT_CONFIG_FILE, STORE_ENV};
-use crate::store::{self, redact_url, OpenOptions};
+use crate::store::{self, redact_url};
 
 use super::{context, output, GlobalArgs};
 
@@ -52,14 +52,7 @@ pub async fn init(global: &GlobalArgs, args: &InitArgs) -> anyhow::Result<String
 
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create directory {}", args.dir.display()))?;
-    let store = store::open(
-        &choice.url,
-        OpenOptions {
-            create_if_missing: true,
-        },
-    )
-    .await?;
-    store.migrate().await?;
+    store::open_migrated(&choice.url).await?;
     write_new_file(&config_path, &text)?;
 
     let store_shown = redact_url(&choice.url);
@@ -84,14 +77,7 @@ pub async fn init(global: &GlobalArgs, args: &InitArgs) -> anyhow::Result<String
 pub async fn migrate(global: &GlobalArgs) -> anyhow::Result<String> {
     let config = context::config(global)?;
     let choice = context::choose_store(global, &config);
-    let store = store::open(
-        &choice.url,
-        OpenOptions {
-            create_if_missing: true,
-        },
-    )
-    .await?;
-    store.migrate().await?;
+    store::open_migrated(&choice.url).await?;
     let store_shown = redact_url(&choice.url);
     if global.json {
         return output::json(&json!({ "store": store_shown, "migrated": true }));

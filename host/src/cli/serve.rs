@@ -7,7 +7,7 @@ use clap::Args;
 use tokio::sync::watch;
 
 use crate::service::Service;
-use crate::store::{self, redact_url, EventStore, OpenOptions};
+use crate::store::{self, redact_url, EventStore};
 
 use super::{context, GlobalArgs};
 
@@ -31,16 +31,7 @@ pub struct ServeArgs {
 pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<String> {
     let config = context::config(global)?;
     let choice = context::choose_store(global, &config);
-    let store: Arc<dyn EventStore> = Arc::from(
-        store::open(
-            &choice.url,
-            OpenOptions {
-                create_if_missing: true,
-            },
-        )
-        .await?,
-    );
-    store.migrate().await?;
+    let store: Arc<dyn EventStore> = Arc::from(store::open_migrated(&choice.url).await?);
     let service = Service::build(&config, store).await?;
     tracing::info!(
         store = %redact_url(&choice.url),

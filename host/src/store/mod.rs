@@ -100,6 +100,20 @@ pub async fn open(url: &str, options: OpenOptions) -> StoreResult<Box<dyn EventS
     }
 }
 
+/// Open the store a URL names, creating a missing SQLite file, and bring its schema up to
+/// date: what `init`, `migrate` and `serve` do.
+pub async fn open_migrated(url: &str) -> StoreResult<Box<dyn EventStore>> {
+    let store = open(
+        url,
+        OpenOptions {
+            create_if_missing: true,
+        },
+    )
+    .await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
 /// How many embedded migrations the database has not applied yet, as an error when any.
 pub(crate) fn pending_migrations(
     migrator: &sqlx::migrate::Migrator,

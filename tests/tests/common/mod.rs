@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use herald::config::Config;
 use herald::service::Service;
-use herald::store::{
-    self, Attempt, EventDetail, EventFilter, EventStatus, EventStore, NewEvent, OpenOptions,
-};
+use herald::store::{self, Attempt, EventDetail, EventFilter, EventStatus, EventStore, NewEvent};
 use herald_tests::PgSchema;
 
 /// Where `tests/build-plugins` puts `NAME.wasm`.
@@ -95,15 +93,9 @@ impl Herald {
         config: Config,
         wrap: impl FnOnce(Arc<dyn EventStore>) -> Arc<dyn EventStore>,
     ) -> Herald {
-        let opened = store::open(
-            url,
-            OpenOptions {
-                create_if_missing: true,
-            },
-        )
-        .await
-        .expect("open store");
-        opened.migrate().await.expect("migrate");
+        let opened = store::open_migrated(url)
+            .await
+            .expect("open and migrate store");
         let store = wrap(Arc::from(opened));
         let service = Service::build(&config, store.clone())
             .await
