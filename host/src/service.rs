@@ -85,15 +85,12 @@ impl Service {
         }
         let router = Arc::new(Router::new(&matches)?);
         let settings = DispatchSettings {
-            instance_id: if dispatch.instance_id.is_empty() {
-                default_instance_id()
-            } else {
-                dispatch.instance_id.clone()
-            },
+            instance_id: instance_id(&dispatch.instance_id),
             batch_size: dispatch.batch_size.max(1),
             concurrency: dispatch.concurrency.max(1),
             lease: dispatch.lease,
             poll_interval: dispatch.poll_interval,
+            listen: dispatch.listen,
         };
         let dispatcher = Dispatcher::new(
             store,
@@ -144,3 +141,15 @@ fn route(spec: &RouteConfig) -> Result<Route, ServiceError> {
         retry: spec.retry.policy(),
     })
 }
+
+/// `HERALD_INSTANCE_ID`, else the config's `instance_id`, else `hostname-pid`.
+fn instance_id(configured: &str) -> String {
+    std::env::var(INSTANCE_ID_ENV)
+        .ok()
+        .filter(|id| !id.trim().is_empty())
+        .or_else(|| (!configured.is_empty()).then(|| configured.to_string()))
+        .unwrap_or_else(default_instance_id)
+}
+
+/// Names this process's leases and attempts; overrides `[dispatch] instance_id`.
+pub const INSTANCE_ID_ENV: &str = "HERALD_INSTANCE_ID";

@@ -1,39 +1,14 @@
 //! `herald serve` as ops run it: a real process, the real plugins, a real receiver, the
 //! CLI beside it, and SIGTERM to stop.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use herald_tests::sink::{Reply, Sink};
-
-fn herald(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run herald")
-}
-
-fn stdout_json(output: &Output) -> serde_json::Value {
-    assert!(
-        output.status.success(),
-        "herald failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
-}
-
-fn plugins_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    assert!(
-        dir.join("webhook.wasm").is_file(),
-        "no plugins in {}: run tests/build-plugins first (tests/run does)",
-        dir.display()
-    );
-    dir
-}
+use support::{herald, plugins_dir, stdout_json};
 
 async fn wait_for_status(config: &Path, id: i64, status: &str) {
     let wait = async {

@@ -799,6 +799,87 @@ async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
     assert_eq!(again[0].attempt, 1, "a released lease was not an attempt");
 }
 
+async fn renewal_keeps_a_lease_alive_only_for_its_owner(f: &Fixture) {
+    f.store.append(&order("A", 1)).await.expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let short = ClaimRequest {
+        owner: "alpha".into(),
+        limit: 10,
+        lease: Duration::ZERO,
+    };
+    let batch = f.store.claim(&short).await.expect("claim");
+    let ids = [batch[0].delivery_id];
+    assert_eq!(
+        f.store
+            .renew_leases("beta", &ids, Duration::from_secs(60))
+            .await
+            .expect("renew"),
+        0
+    );
+    assert_eq!(
+        f.store
+            .renew_leases("alpha", &ids, Duration::from_secs(60))
+            .await
+            .expect("renew"),
+        1
+    );
+    assert!(
+        claim(f, "beta", 10).await.is_empty(),
+        "the renewed lease holds"
+    );
+    assert_eq!(
+        f.store
+            .renew_leases("alpha", &[], Duration::from_secs(60))
+            .await
+            .expect("renew"),
+        0
+    );
+}
+
+async fn instances_show_heartbeats_and_held_leases(f: &Fixture) {
+    f.store
+        .heartbeat("alpha", "0.1.0")
+        .await
+        .expect("heartbeat");
+    f.store.heartbeat("beta", "0.1.0").await.expect("heartbeat");
+    f.store
+        .heartbeat("alpha", "0.1.1")
+        .await
+        .expect("second heartbeat");
+    f.store
+        .append_batch(&[order("A", 1), order("B", 1)])
+        .await
+        .expect("append");
+    f.store.fan_out(10, &router).await.expect("fan out");
+    assert_eq!(claim(f, "alpha", 10).await.len(), 2);
+
+    let seen = f
+        .store
+        .instances(Duration::from_secs(60))
+        .await
+        .expect("instances");
+    let summary: Vec<_> = seen
+        .iter()
+        .map(|i| (i.instance_id.as_str(), i.version.as_str(), i.leases_held))
+        .collect();
+    assert_eq!(summary, vec![("alpha", "0.1.1", 2), ("beta", "0.1.0", 0)]);
+
+    f.exec("UPDATE herald_instances SET started_at = '2020-01-01T00:00:00.000Z', last_seen = '2020-01-01T00:00:00.000Z' WHERE instance_id = 'beta'").await;
+    let seen = f
+        .store
+        .instances(Duration::from_secs(60))
+        .await
+        .expect("instances");
+    assert_eq!(seen.len(), 1, "an instance not seen lately is gone");
+    f.store.deregister("alpha").await.expect("deregister");
+    assert!(f
+        .store
+        .instances(Duration::from_secs(60))
+        .await
+        .expect("instances")
+        .is_empty());
+}
+
 async fn list_filters_and_entity_history(f: &Fixture) {
     f.store
         .append_batch(&[
@@ -921,5 +1002,7 @@ on_both_backends!(
     a_lost_lease_in_a_batch_writes_nothing_for_it,
     release_returns_leases_without_spending_an_attempt,
     list_filters_and_entity_history,
+    renewal_keeps_a_lease_alive_only_for_its_owner,
+    instances_show_heartbeats_and_held_leases,
     migrate_is_idempotent_and_schema_checks_pass,
 );

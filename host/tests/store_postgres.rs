@@ -165,3 +165,32 @@ async fn two_instances_share_a_backlog_without_double_claims() {
     drop((a, b));
     schema.drop().await;
 }
+
+/// The insert trigger notifies listeners: a waiting dispatcher wakes without polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_wakes_a_listener() {
+    let Some(schema) = PgSchema::create("store_pg_notify").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    assert!(store
+        .watch_new_events(Arc::downgrade(&wake))
+        .await
+        .expect("listen"));
+    let woken = wake.notified();
+
+    let mut producer = PgConnection::connect(&schema.url).await.expect("producer");
+    sqlx::query(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', '1', '{}')",
+    )
+    .execute(&mut producer)
+    .await
+    .expect("insert");
+    tokio::time::timeout(Duration::from_secs(10), woken)
+        .await
+        .expect("the listener was woken by the insert");
+    drop(store);
+    schema.drop().await;
+}

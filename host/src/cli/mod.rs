@@ -5,6 +5,7 @@ mod deliveries;
 mod events;
 mod init;
 mod input;
+mod instances;
 mod logging;
 mod output;
 mod report;
@@ -104,6 +105,8 @@ Examples:
     /// Dead letters: list them, send them again
     #[command(subcommand)]
     Deliveries(deliveries::DeliveriesCommand),
+    /// The herald serve processes sharing this store, and the leases each holds
+    Instances(instances::InstancesArgs),
 }
 
 /// Run a parsed command line to completion. Logging starts here so `--log-format` applies.
@@ -130,6 +133,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::History(args) => events::history(global, &args).await,
         Command::Serve(args) => serve::serve(global, &args).await,
         Command::Deliveries(command) => deliveries::run(global, command).await,
+        Command::Instances(args) => instances::run(global, &args).await,
     }
 }
 

@@ -180,13 +180,13 @@ fn attempts_table(attempts: &[Attempt]) -> String {
     finish(&table)
 }
 
-fn new_table<const N: usize>(header: [&str; N]) -> Table {
+pub fn new_table<const N: usize>(header: [&str; N]) -> Table {
     let mut table = Table::new();
     table.load_preset(TABLE_STYLE).set_header(header);
     table
 }
 
-fn finish(table: &Table) -> String {
+pub fn finish(table: &Table) -> String {
     let mut text = table.trim_fmt();
     text.push('\n');
     text
@@ -200,7 +200,7 @@ fn or_dash(value: Option<&str>) -> String {
     value.unwrap_or("-").to_string()
 }
 
-fn timestamp(at: DateTime<Utc>) -> String {
+pub fn timestamp(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%SZ").to_string()
 }
 

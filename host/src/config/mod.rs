@@ -51,10 +51,13 @@ plugins_dir = "plugins"
 # How this instance claims and runs deliveries. The values shown are the defaults.
 [dispatch]
 # instance_id = ""         # lease owner recorded in the attempts log; empty: hostname-pid
+#                          # (HERALD_INSTANCE_ID overrides it)
 # batch_size = 100         # events fanned out, and deliveries claimed, per round trip
 # concurrency = 32         # plugin calls in flight at once
 # lease = "60s"            # a claim is held this long; another instance may take it after
 # poll_interval = "500ms"  # how often to look for new events when there is nothing to do
+# listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
+#                          # safety net (a pooler in transaction mode drops notifications)
 
 # Routes send events to plugins. An event may match several routes (fan-out); an event
 # that no route matches is marked SKIPPED with the reason. For example:

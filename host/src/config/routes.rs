@@ -19,6 +19,8 @@ pub struct DispatchConfig {
     pub lease: Duration,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// On Postgres, wake on LISTEN/NOTIFY instead of waiting for the next poll.
+    pub listen: bool,
 }
 
 impl Default for DispatchConfig {
@@ -29,6 +31,7 @@ impl Default for DispatchConfig {
             concurrency: 32,
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
+            listen: true,
         }
     }
 }

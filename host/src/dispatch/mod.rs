@@ -7,12 +7,12 @@
 mod outcome;
 mod retry;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
 pub use outcome::dead_notice;
@@ -44,6 +44,9 @@ pub struct DispatchSettings {
     pub lease: Duration,
     /// Sleep between polls when there is nothing to do.
     pub poll_interval: Duration,
+    /// Wake on the store's new-event notifications (Postgres LISTEN/NOTIFY) instead of
+    /// waiting for the next poll.
+    pub listen: bool,
 }
 
 impl Default for DispatchSettings {
@@ -54,6 +57,7 @@ impl Default for DispatchSettings {
             concurrency: 32,
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
+            listen: true,
         }
     }
 }
@@ -89,6 +93,9 @@ pub struct Dispatcher {
     runtime: Arc<PluginRuntime>,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
+    /// Deliveries this instance is running, whose leases the heartbeat renews.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    wake: Arc<Notify>,
 }
 
 impl Dispatcher {
@@ -109,7 +116,13 @@ impl Dispatcher {
             runtime,
             settings,
             slots,
+            in_flight: Arc::default(),
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    pub fn settings(&self) -> &DispatchSettings {
+        &self.settings
     }
 
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
@@ -149,6 +162,7 @@ impl Dispatcher {
                 break;
             };
             let worker = self.worker();
+            let in_flight = InFlight::enter(&self.in_flight, delivery.delivery_id);
             let span = tracing::info_span!(
                 "delivery",
                 event_id = delivery.event.event_id,
@@ -160,6 +174,7 @@ impl Dispatcher {
             tokio::spawn(
                 async move {
                     worker.deliver(delivery).await;
+                    drop(in_flight);
                     drop(permit);
                 }
                 .instrument(span),
@@ -193,8 +208,29 @@ impl Dispatcher {
         }
     }
 
-    /// Poll until `shutdown` turns true, then let in-flight deliveries finish.
+    /// Dispatch until `shutdown` turns true, then let in-flight deliveries finish. Wakes on
+    /// the store's notifications when it has them, and polls regardless: a lost
+    /// notification costs latency, never an event.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        if self.settings.listen {
+            match self
+                .store
+                .watch_new_events(Arc::downgrade(&self.wake))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!("woken by new-event notifications; polling as a fallback")
+                }
+                Ok(false) => tracing::debug!("the store sends no notifications; polling"),
+                Err(err) => tracing::warn!(%err, "cannot listen for new events; polling"),
+            }
+        }
+        let heartbeat = tokio::spawn(heartbeat(
+            self.store.clone(),
+            self.settings.clone(),
+            self.in_flight.clone(),
+            shutdown.clone(),
+        ));
         while !*shutdown.borrow() {
             let idle = match self.pass().await {
                 Ok(report) => report.is_idle(),
@@ -203,19 +239,25 @@ impl Dispatcher {
                     true
                 }
             };
-            if idle || self.slots.available_permits() == 0 {
-                let wait = if idle {
-                    self.settings.poll_interval
-                } else {
-                    Duration::from_millis(5)
-                };
+            if idle {
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+            } else if self.slots.available_permits() == 0 {
+                // Every slot is busy: wait for one to free up, not for the poll interval.
+                tokio::select! {
+                    permit = self.slots.acquire() => drop(permit),
                     _ = shutdown.changed() => {}
                 }
             }
         }
         self.wait_idle().await;
+        let _ = heartbeat.await;
+        if let Err(err) = self.store.deregister(&self.settings.instance_id).await {
+            tracing::warn!(%err, "could not deregister this instance");
+        }
     }
 
     fn worker(&self) -> Worker {
@@ -225,6 +267,64 @@ impl Dispatcher {
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),
+        }
+    }
+}
+
+/// Marks a delivery as running on this instance for as long as it lives.
+struct InFlight {
+    set: Arc<Mutex<HashSet<i64>>>,
+    delivery_id: i64,
+}
+
+impl InFlight {
+    fn enter(set: &Arc<Mutex<HashSet<i64>>>, delivery_id: i64) -> Self {
+        lock(set).insert(delivery_id);
+        InFlight {
+            set: set.clone(),
+            delivery_id,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.delivery_id);
+    }
+}
+
+fn lock(set: &Mutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every third of a lease: extend the leases of the deliveries still running here, so
+/// slow work is not taken over by another instance, and tell the store this instance is
+/// alive (for `herald instances`).
+async fn heartbeat(
+    store: Arc<dyn EventStore>,
+    settings: DispatchSettings,
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = (settings.lease / 3).max(Duration::from_millis(100));
+    let version = env!("CARGO_PKG_VERSION");
+    loop {
+        if let Err(err) = store.heartbeat(&settings.instance_id, version).await {
+            tracing::warn!(%err, "heartbeat failed");
+        }
+        let running: Vec<i64> = lock(&in_flight).iter().copied().collect();
+        if let Err(err) = store
+            .renew_leases(&settings.instance_id, &running, settings.lease)
+            .await
+        {
+            tracing::warn!(%err, "could not renew leases; another instance may take over slow deliveries");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
         }
     }
 }

@@ -13,7 +13,11 @@ pub mod sqlite;
 mod time;
 mod url;
 
+use std::sync::Weak;
+use std::time::Duration;
+
 use async_trait::async_trait;
+use tokio::sync::Notify;
 
 pub use error::{StoreError, StoreResult};
 pub use model::*;
@@ -66,6 +70,31 @@ pub trait EventStore: Send + Sync {
     /// Write each completion in one transaction with its attempt row, ledger entry,
     /// emitted events and the event's new status.
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>>;
+
+    /// Extend the leases `owner` still holds on these deliveries by `lease` from now, so
+    /// long work is not taken over. Returns how many were extended.
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        delivery_ids: &[i64],
+        lease: Duration,
+    ) -> StoreResult<u64>;
+
+    /// Record that `instance_id` is alive (insert or refresh its row).
+    async fn heartbeat(&self, instance_id: &str, version: &str) -> StoreResult<()>;
+
+    /// Remove an instance's row on a clean stop.
+    async fn deregister(&self, instance_id: &str) -> StoreResult<()>;
+
+    /// Instances seen within `within`, with the leases each holds, oldest first.
+    async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>>;
+
+    /// Wake `wake` whenever events are inserted, for as long as `wake` lives. Returns
+    /// false when the backend cannot notify (SQLite): polling alone finds new events.
+    async fn watch_new_events(&self, wake: Weak<Notify>) -> StoreResult<bool> {
+        let _ = wake;
+        Ok(false)
+    }
 
     /// Give leases back without counting the attempt (graceful shutdown).
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64>;

@@ -498,6 +498,17 @@ pub struct EventFilter {
     pub oldest_first: bool,
 }
 
+/// A Herald process as `herald instances` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Instance {
+    pub instance_id: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// Deliveries it holds an unexpired lease on right now.
+    pub leases_held: i64,
+}
+
 /// Which dead deliveries to send again; with neither field set, all of them.
 #[derive(Debug, Clone, Default)]
 pub struct RedriveSelection {

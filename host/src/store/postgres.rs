@@ -5,13 +5,15 @@
 //! fanned out an entity's events in parallel, the later event's deliveries could commit
 //! first and be claimed before the earlier event's exist, breaking per-entity order.
 
+use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
+use tokio::sync::Notify;
 
 use super::error::QueryContext;
 use super::fan_out::{settle_from_deliveries, Candidate, Disposition};
@@ -21,11 +23,14 @@ use super::sqlite::duration_us;
 use super::{
     delivery_key, redact_url, Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead,
-    EventStatus, EventStore, FanOutReport, NewEvent, Outcome, RedriveSelection, Router, StoreError,
-    StoreResult,
+    EventStatus, EventStore, FanOutReport, Instance, NewEvent, Outcome, RedriveSelection, Router,
+    StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The channel the `events` insert trigger notifies (migration 0002).
+const NEW_EVENTS_CHANNEL: &str = "herald_events";
 
 /// Key of the advisory lock that serialises fan-out across instances ("herald" in ASCII).
 const FAN_OUT_LOCK: i64 = 0x6865_7261_6c64;
@@ -423,6 +428,100 @@ impl EventStore for PostgresStore {
         .await
         .doing("releasing leases")?;
         Ok(released.rows_affected())
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        delivery_ids: &[i64],
+        lease: Duration,
+    ) -> StoreResult<u64> {
+        if delivery_ids.is_empty() {
+            return Ok(0);
+        }
+        let renewed = sqlx::query(
+            "UPDATE herald_deliveries SET locked_until = now() + make_interval(secs => $1) \
+             WHERE locked_by = $2 AND delivery_id = ANY($3) AND status IN ('PENDING', 'RETRY')",
+        )
+        .bind(lease.as_secs_f64())
+        .bind(owner)
+        .bind(delivery_ids)
+        .execute(&self.pool)
+        .await
+        .doing("renewing leases")?;
+        Ok(renewed.rows_affected())
+    }
+
+    async fn heartbeat(&self, instance_id: &str, version: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO herald_instances (instance_id, version) VALUES ($1, $2) \
+             ON CONFLICT (instance_id) DO UPDATE SET last_seen = now(), \
+             version = excluded.version",
+        )
+        .bind(instance_id)
+        .bind(version)
+        .execute(&self.pool)
+        .await
+        .doing("recording a heartbeat")?;
+        Ok(())
+    }
+
+    async fn deregister(&self, instance_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM herald_instances WHERE instance_id = $1")
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await
+            .doing("deregistering an instance")?;
+        Ok(())
+    }
+
+    async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>> {
+        let rows = sqlx::query(
+            "SELECT i.instance_id, i.version, i.started_at, i.last_seen, \
+             (SELECT count(*) FROM herald_deliveries d WHERE d.locked_by = i.instance_id \
+              AND d.locked_until > now() AND d.status IN ('PENDING', 'RETRY')) \
+              AS leases_held \
+             FROM herald_instances i \
+             WHERE i.last_seen >= now() - make_interval(secs => $1) \
+             ORDER BY i.started_at, i.instance_id",
+        )
+        .bind(within.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing instances")?;
+        rows.iter().map(rows::instance).collect()
+    }
+
+    async fn watch_new_events(&self, wake: Weak<Notify>) -> StoreResult<bool> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .doing("connecting the new-event listener")?;
+        listener
+            .listen(NEW_EVENTS_CHANNEL)
+            .await
+            .doing("listening for new events")?;
+        tokio::spawn(async move {
+            loop {
+                let received = listener.try_recv().await;
+                let Some(wake) = wake.upgrade() else {
+                    return;
+                };
+                match received {
+                    Ok(Some(_)) => wake.notify_one(),
+                    // The connection dropped; the next call reconnects. Notifications sent
+                    // meanwhile are lost, so look now instead of waiting for the poll.
+                    Ok(None) => {
+                        tracing::warn!("new-event listener lost its connection; reconnecting");
+                        wake.notify_one();
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "new-event listener failed; retrying in 1s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(true)
     }
 
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {

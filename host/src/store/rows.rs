@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, DeliveryStatus, Event, EventStatus,
-    LedgerEntry, StoreError, StoreResult,
+    Instance, LedgerEntry, StoreError, StoreResult,
 };
 
 pub(crate) trait StoreRow {
@@ -115,5 +115,15 @@ pub(crate) fn claimed(row: &impl StoreRow) -> StoreResult<ClaimedDelivery> {
         idempotency_key: row.text("idempotency_key")?,
         already_completed: ledger(row)?,
         event,
+    })
+}
+
+pub(crate) fn instance(row: &impl StoreRow) -> StoreResult<Instance> {
+    Ok(Instance {
+        instance_id: row.text("instance_id")?,
+        version: row.text("version")?,
+        started_at: row.time("started_at")?,
+        last_seen: row.time("last_seen")?,
+        leases_held: row.int("leases_held")?,
     })
 }

@@ -20,12 +20,14 @@ use super::error::QueryContext;
 use super::fan_out::{settle_from_deliveries, Candidate, Disposition};
 use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
-use super::time::{from_sqlite_text, sqlite_offset, to_sqlite_text, SQLITE_NOW};
+use super::time::{
+    from_sqlite_text, sqlite_offset, sqlite_offset_back, to_sqlite_text, SQLITE_NOW,
+};
 use super::{
     delivery_key, Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead, EventStatus,
-    EventStore, FanOutReport, NewEvent, OpenOptions, RedriveSelection, Router, StoreError,
-    StoreResult,
+    EventStore, FanOutReport, Instance, NewEvent, OpenOptions, RedriveSelection, Router,
+    StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -428,23 +430,82 @@ impl EventStore for SqliteStore {
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
-        let mut released = 0;
-        for id in delivery_ids {
-            released += sqlx::query(
-                "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
-                 attempts = attempts - 1 WHERE delivery_id = $1 AND locked_by = $2 \
-                 AND status IN ('PENDING', 'RETRY')",
-            )
-            .bind(id)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .doing("releasing leases")?
-            .rows_affected();
+        let released = sqlx::query(
+            "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
+             attempts = attempts - 1 WHERE locked_by = $1 \
+             AND delivery_id IN (SELECT value FROM json_each($2)) \
+             AND status IN ('PENDING', 'RETRY')",
+        )
+        .bind(owner)
+        .bind(id_list(delivery_ids))
+        .execute(&self.pool)
+        .await
+        .doing("releasing leases")?;
+        Ok(released.rows_affected())
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        delivery_ids: &[i64],
+        lease: Duration,
+    ) -> StoreResult<u64> {
+        if delivery_ids.is_empty() {
+            return Ok(0);
         }
-        tx.commit().await.doing("committing released leases")?;
-        Ok(released)
+        let renewed = sqlx::query(
+            "UPDATE herald_deliveries \
+             SET locked_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $1) \
+             WHERE locked_by = $2 AND delivery_id IN (SELECT value FROM json_each($3)) \
+             AND status IN ('PENDING', 'RETRY')",
+        )
+        .bind(sqlite_offset(lease))
+        .bind(owner)
+        .bind(id_list(delivery_ids))
+        .execute(&self.pool)
+        .await
+        .doing("renewing leases")?;
+        Ok(renewed.rows_affected())
+    }
+
+    async fn heartbeat(&self, instance_id: &str, version: &str) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO herald_instances (instance_id, version) VALUES ($1, $2) \
+             ON CONFLICT (instance_id) DO UPDATE SET last_seen = {SQLITE_NOW}, \
+             version = excluded.version"
+        ))
+        .bind(instance_id)
+        .bind(version)
+        .execute(&self.pool)
+        .await
+        .doing("recording a heartbeat")?;
+        Ok(())
+    }
+
+    async fn deregister(&self, instance_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM herald_instances WHERE instance_id = $1")
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await
+            .doing("deregistering an instance")?;
+        Ok(())
+    }
+
+    async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT i.instance_id, i.version, i.started_at, i.last_seen, \
+             (SELECT count(*) FROM herald_deliveries d WHERE d.locked_by = i.instance_id \
+              AND d.locked_until > {SQLITE_NOW} AND d.status IN ('PENDING', 'RETRY')) \
+              AS leases_held \
+             FROM herald_instances i \
+             WHERE i.last_seen >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $1) \
+             ORDER BY i.started_at, i.instance_id"
+        ))
+        .bind(sqlite_offset_back(within))
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing instances")?;
+        rows.iter().map(rows::instance).collect()
     }
 
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {
@@ -533,6 +594,12 @@ impl EventStore for SqliteStore {
         tx.commit().await.doing("committing a redrive")?;
         Ok(events.len() as u64)
     }
+}
+
+/// A list of ids as one JSON array parameter, read back with `json_each`.
+fn id_list(ids: &[i64]) -> String {
+    let items: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!("[{}]", items.join(","))
 }
 
 pub(crate) fn duration_us(duration: Duration) -> i64 {

@@ -30,6 +30,11 @@ pub(crate) fn sqlite_offset(duration: std::time::Duration) -> String {
     format!("+{:.3} seconds", duration.as_secs_f64())
 }
 
+/// A `strftime` modifier that subtracts `duration`, e.g. `-30.000 seconds`.
+pub(crate) fn sqlite_offset_back(duration: std::time::Duration) -> String {
+    format!("-{:.3} seconds", duration.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

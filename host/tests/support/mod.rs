@@ -1,0 +1,52 @@
+//! Running the real `herald` binary from tests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn herald(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run herald")
+}
+
+pub fn stdout_json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "herald failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+/// Where `tests/build-plugins` puts `NAME.wasm`.
+pub fn plugins_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    assert!(
+        dir.join("webhook.wasm").is_file(),
+        "no plugins in {}: run tests/build-plugins first (tests/run does)",
+        dir.display()
+    );
+    dir
+}
+
+/// `herald serve` in the background, killed (SIGKILL) when dropped. Its log goes to
+/// `log`, for reading when a test fails.
+pub fn spawn_serve(config: &Path, instance_id: &str, log: &Path) -> tokio::process::Child {
+    let log = std::fs::File::create(log).expect("serve log file");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("HERALD_INSTANCE_ID", instance_id)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald serve")
+}
