@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use common::Herald;
 use herald::store::{
     Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery, DeliveryFilter,
-    Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport, NewEvent,
+    Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport, Instance, NewEvent,
     RedriveSelection, Router, StoreError, StoreResult,
 };
 use herald_tests::sink::Sink;
@@ -167,6 +167,18 @@ impl EventStore for CrashBeforeCommit {
     }
     async fn release(&self, owner: &str, ids: &[i64]) -> StoreResult<u64> {
         self.inner.release(owner, ids).await
+    }
+    async fn renew_leases(&self, owner: &str, ids: &[i64], lease: Duration) -> StoreResult<u64> {
+        self.inner.renew_leases(owner, ids, lease).await
+    }
+    async fn heartbeat(&self, instance_id: &str, version: &str) -> StoreResult<()> {
+        self.inner.heartbeat(instance_id, version).await
+    }
+    async fn deregister(&self, instance_id: &str) -> StoreResult<()> {
+        self.inner.deregister(instance_id).await
+    }
+    async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>> {
+        self.inner.instances(within).await
     }
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {
         self.inner.list_events(filter).await
