@@ -3,6 +3,7 @@
 //! Producers write events into the store; Herald routes them to plugins and keeps the
 //! books. This crate is both the service and the `herald` command line.
 
+pub mod admin;
 pub mod capabilities;
 pub mod cli;
 pub mod config;

@@ -39,7 +39,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "store = {:?}\nplugins_dir = {:?}\n\n[dispatch]\n{dispatch}\n\n\
+                "store = {:?}\nplugins_dir = {:?}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\n{dispatch}\n\n\
                  [[routes]]\nname = \"hooks\"\nevent_types = [\"order.*\"]\nplugin = \"webhook\"\n\
                  allowed_hosts = [\"{}\"]\nallow_private = true\ntime_limit = \"2s\"\n\
                  [routes.retry]\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\n\

@@ -36,10 +36,11 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
     let sink = Sink::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("herald.toml");
+    let admin_port = free_port();
     std::fs::write(
         &config,
         format!(
-            "store = \"sqlite://herald.db\"\nplugins_dir = {:?}\n\n[dispatch]\npoll_interval = \"20ms\"\n\n\
+            "store = \"sqlite://herald.db\"\nplugins_dir = {:?}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[dispatch]\npoll_interval = \"20ms\"\n\n\
              [[routes]]\nname = \"hooks\"\nevent_types = [\"order.*\"]\nplugin = \"webhook\"\n\
              allowed_hosts = [\"{}\"]\nallow_private = true\n[routes.config]\nurl = \"{}\"\n",
             plugins_dir().display().to_string(),
@@ -108,6 +109,16 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
     wait_for_status(&config, second, "SUCCESS").await;
     assert_eq!(sink.requests().len(), 3);
 
+    // The admin API and the CLI both show this instance.
+    let response = reqwest::get(format!("http://127.0.0.1:{admin_port}/api/instances"))
+        .await
+        .expect("admin API");
+    let instances: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
+    assert_eq!(instances.as_array().map(Vec::len), Some(1), "{instances}");
+    let listed = stdout_json(&herald(&config, &["--json", "instances"]));
+    assert_eq!(listed[0]["instance_id"], instances[0]["instance_id"]);
+
     let pid = serve.id().expect("serve is running").to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -119,6 +130,14 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
         .expect("serve stops after SIGTERM")
         .expect("wait for serve");
     assert!(status.success(), "serve exited with {status}");
+}
+
+/// A port nothing listens on right now (the OS picks it; the race is harmless in tests).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 #[test]

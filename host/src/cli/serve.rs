@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::sync::watch;
 
+use crate::admin::{AdminServer, AdminSettings, BearerToken};
 use crate::service::Service;
 use crate::store::{self, redact_url, EventStore};
 
@@ -32,7 +33,7 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
     let config = context::config(global)?;
     let choice = context::choose_store(global, &config);
     let store: Arc<dyn EventStore> = Arc::from(store::open_migrated(&choice.url).await?);
-    let service = Service::build(&config, store).await?;
+    let service = Service::build(&config, store.clone()).await?;
     tracing::info!(
         store = %redact_url(&choice.url),
         plugins = ?service.plugins.names(),
@@ -43,7 +44,27 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
         service.dispatcher.drain().await?;
         return Ok(String::new());
     }
+    let admin = match config.admin() {
+        admin if admin.enabled => {
+            let token = admin
+                .resolved_token()
+                .map_err(anyhow::Error::msg)?
+                .and_then(|token| BearerToken::new(&token));
+            let settings = AdminSettings {
+                listen: admin.listen,
+                token,
+            };
+            Some(AdminServer::bind(settings, store.clone()).await?)
+        }
+        _ => None,
+    };
     let (stop, stopped) = watch::channel(false);
+    let admin_task = admin.map(|server| {
+        if let Some(addr) = server.local_addr() {
+            tracing::info!(%addr, "admin API listening");
+        }
+        tokio::spawn(server.run(stopped.clone()))
+    });
     tokio::spawn(async move {
         match shutdown_signal().await {
             Ok(signal) => tracing::info!(
@@ -55,6 +76,13 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
         let _ = stop.send(true);
     });
     service.dispatcher.run(stopped).await;
+    if let Some(task) = admin_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "admin API stopped with an error"),
+            Err(err) => tracing::warn!(%err, "admin API task failed"),
+        }
+    }
     tracing::info!("stopped");
     Ok(String::new())
 }

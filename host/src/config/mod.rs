@@ -5,7 +5,7 @@
 //! A relative SQLite path in the file is relative to the file's directory, so a config
 //! behaves the same whatever directory `herald` runs from.
 
-mod routes;
+mod service;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,9 @@ use toml::Spanned;
 
 use crate::store::StoreUrl;
 
-pub use routes::{DispatchConfig, Ordering, RetryConfig, RouteConfig, MAX_MEMORY_LIMIT_MB};
+pub use service::{
+    AdminConfig, DispatchConfig, Ordering, RetryConfig, RouteConfig, MAX_MEMORY_LIMIT_MB,
+};
 
 /// The file `herald` looks for in the working directory when no config is named.
 pub const DEFAULT_CONFIG_FILE: &str = "herald.toml";
@@ -59,6 +61,12 @@ plugins_dir = "plugins"
 # listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
 #                          # safety net (a pooler in transaction mode drops notifications)
 
+# The admin HTTP server of `herald serve`: /healthz, /readyz and the JSON API under /api.
+[admin]
+# enabled = true
+# listen = "127.0.0.1:7474"  # loopback by default; another address requires a token
+# token = "env:HERALD_ADMIN_TOKEN"  # bearer token for /api (HERALD_ADMIN_TOKEN overrides)
+
 # Routes send events to plugins. An event may match several routes (fan-out); an event
 # that no route matches is marked SKIPPED with the reason. For example:
 #
@@ -97,6 +105,8 @@ pub struct Config {
     dispatch: DispatchConfig,
     #[serde(default)]
     routes: Vec<Spanned<RouteConfig>>,
+    #[serde(default)]
+    admin: AdminConfig,
     /// The file this was read from; `None` when running on defaults.
     #[serde(skip)]
     path: Option<PathBuf>,
@@ -237,6 +247,10 @@ impl Config {
         &self.dispatch
     }
 
+    pub fn admin(&self) -> &AdminConfig {
+        &self.admin
+    }
+
     pub fn routes(&self) -> impl Iterator<Item = &RouteConfig> {
         self.routes.iter().map(Spanned::get_ref)
     }
@@ -370,7 +384,7 @@ mod tests {
         let err = parse("# comment\n\nstor = \"sqlite://x.db\"\n").err();
         assert_eq!(
             err.as_deref(),
-            Some("herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'dispatch', 'routes'")
+            Some("herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'dispatch', 'routes', 'admin'")
         );
     }
 

@@ -1,6 +1,8 @@
-//! The service half of `herald.toml`: where plugins live, how dispatch runs, and the routes.
+//! The service half of `herald.toml`: where plugins live, how dispatch runs, the routes,
+//! and the admin server.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -204,5 +206,49 @@ impl RouteConfig {
                 Ok((key.clone(), text))
             })
             .collect()
+    }
+}
+
+/// `[admin]`: the HTTP server for probes, metrics and the JSON API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Bearer token for `/api`; `"env:NAME"` reads a variable. `HERALD_ADMIN_TOKEN`
+    /// overrides it. Required when `listen` is not a loopback address.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7474)),
+            token: None,
+        }
+    }
+}
+
+/// Overrides `[admin] token`.
+pub const ADMIN_TOKEN_ENV: &str = "HERALD_ADMIN_TOKEN";
+
+impl AdminConfig {
+    /// The token in force: the environment's, else the file's (resolving `env:`).
+    pub fn resolved_token(&self) -> Result<Option<String>, String> {
+        if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+            if !token.trim().is_empty() {
+                return Ok(Some(token));
+            }
+        }
+        match self.token.as_deref() {
+            None => Ok(None),
+            Some(text) => match text.strip_prefix("env:") {
+                Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                    format!("admin.token refers to environment variable {var}, which is not set")
+                }),
+                None => Ok(Some(text.to_string())),
+            },
+        }
     }
 }
