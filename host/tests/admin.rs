@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use herald::admin::{AdminError, AdminServer, AdminSettings, BearerToken};
+use herald::admin::{AdminContext, AdminError, AdminServer, AdminSettings, BearerToken};
 use herald::store::{self, EventStore};
 use tokio::sync::watch;
 
@@ -23,7 +23,12 @@ async fn start(store: Arc<dyn EventStore>, token: Option<&str>) -> Running {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         token: token.and_then(BearerToken::new),
     };
-    let server = AdminServer::bind(settings, store)
+    let context = AdminContext {
+        store,
+        plugins: None,
+        routes: Vec::new(),
+    };
+    let server = AdminServer::bind(settings, context)
         .await
         .expect("bind admin");
     let addr = server.local_addr().expect("bound address");
@@ -93,7 +98,12 @@ async fn without_a_token_the_api_is_open_on_loopback_only() {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         token: None,
     };
-    let refused = AdminServer::bind(exposed, store).await.err();
+    let context = AdminContext {
+        store,
+        plugins: None,
+        routes: Vec::new(),
+    };
+    let refused = AdminServer::bind(exposed, context).await.err();
     assert!(matches!(refused, Some(AdminError::ExposedWithoutToken(_))));
     let message = refused.map(|e| e.to_string()).unwrap_or_default();
     assert!(
@@ -107,4 +117,106 @@ fn tokens_never_show_in_debug_output_and_empty_ones_are_refused() {
     let token = BearerToken::new("hunter2").expect("token");
     assert_eq!(format!("{token:?}"), "BearerToken(***)");
     assert!(BearerToken::new("   ").is_none());
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let response = client.get(url).send().await.expect("request");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_api_shows_events_and_redrives_dead_letters() {
+    use herald::store::{ClaimRequest, Completion, NewEvent, Outcome, RoutePlan};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = sqlite_store(&dir).await;
+    let id = store
+        .append(&NewEvent::new(
+            "order.created",
+            "order",
+            "7",
+            serde_json::json!({ "total": 5 }),
+        ))
+        .await
+        .expect("append");
+    store
+        .fan_out(10, &|_| vec![RoutePlan::ordered("hooks")])
+        .await
+        .expect("fan out");
+    let claimed = store
+        .claim(&ClaimRequest {
+            owner: "t".into(),
+            limit: 10,
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .expect("claim");
+    store
+        .complete(&[Completion::for_claim(
+            &claimed[0],
+            "t",
+            Outcome::Dead {
+                reason: "HTTP 410".into(),
+            },
+        )])
+        .await
+        .expect("complete");
+
+    let admin = start(store, None).await;
+    let client = reqwest::Client::new();
+    let (status, events) =
+        get_json(&client, &format!("{}/api/events?status=DEAD", admin.base)).await;
+    assert_eq!(status, 200);
+    assert_eq!(events[0]["event_id"], id);
+    assert_eq!(
+        events[0]["event_data"]["total"], 5,
+        "payload embedded as JSON"
+    );
+    let (status, error) =
+        get_json(&client, &format!("{}/api/events?status=DONE", admin.base)).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expected one of"),
+        "{error}"
+    );
+    let (status, detail) = get_json(&client, &format!("{}/api/events/{id}", admin.base)).await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["attempts"][0]["detail"], "HTTP 410");
+    let (status, _) = get_json(&client, &format!("{}/api/events/999", admin.base)).await;
+    assert_eq!(status, 404);
+    let (_, history) = get_json(&client, &format!("{}/api/history/order/7", admin.base)).await;
+    assert_eq!(history.as_array().map(Vec::len), Some(1));
+
+    let (_, dead) = get_json(&client, &format!("{}/api/deliveries/dead", admin.base)).await;
+    assert_eq!(dead[0]["route"], "hooks");
+    let redrive = format!("{}/api/deliveries/redrive", admin.base);
+    let ambiguous = client
+        .post(&redrive)
+        .header("content-type", "application/json")
+        .body(r#"{"all": true, "route": "hooks"}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(ambiguous.status(), 400);
+    let done = client
+        .post(&redrive)
+        .header("content-type", "application/json")
+        .body(r#"{"all": true}"#)
+        .send()
+        .await
+        .expect("post");
+    let body: serde_json::Value =
+        serde_json::from_slice(&done.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["redriven"], 1);
+    let (_, dead) = get_json(&client, &format!("{}/api/deliveries/dead", admin.base)).await;
+    assert_eq!(dead.as_array().map(Vec::len), Some(0));
 }

@@ -116,6 +116,25 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
     let instances: serde_json::Value =
         serde_json::from_slice(&response.bytes().await.expect("body")).expect("json");
     assert_eq!(instances.as_array().map(Vec::len), Some(1), "{instances}");
+    let api = |path: &'static str| async move {
+        let response = reqwest::get(format!("http://127.0.0.1:{admin_port}{path}"))
+            .await
+            .expect("admin API");
+        serde_json::from_slice::<serde_json::Value>(&response.bytes().await.expect("body"))
+            .expect("json")
+    };
+    let routes = api("/api/routes").await;
+    assert_eq!(routes[0]["name"], "hooks");
+    assert!(
+        !routes.to_string().contains(&sink.url("/orders")),
+        "route config values stay private"
+    );
+    let plugins = api("/api/plugins").await;
+    let webhook = plugins
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "webhook"))
+        .expect("webhook plugin listed");
+    assert_eq!(webhook["routes"], serde_json::json!(["hooks"]));
     let listed = stdout_json(&herald(&config, &["--json", "instances"]));
     assert_eq!(listed[0]["instance_id"], instances[0]["instance_id"]);
 

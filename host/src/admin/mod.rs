@@ -1,6 +1,7 @@
 //! The admin HTTP server of `herald serve`: health for probes, and a JSON API for
 //! operators. Loopback by default; anywhere else it refuses to start without a token.
 
+mod api;
 mod auth;
 mod routes;
 
@@ -12,7 +13,10 @@ use tokio::sync::watch;
 
 use crate::store::EventStore;
 
+pub use api::RouteSummary;
 pub use auth::BearerToken;
+
+use crate::runtime::PluginRegistry;
 
 /// Where and how the admin server listens.
 #[derive(Debug, Clone)]
@@ -38,8 +42,18 @@ pub enum AdminError {
     },
 }
 
+/// What the API reports on.
+pub struct AdminContext {
+    pub store: Arc<dyn EventStore>,
+    /// `None` where no plugins run (e.g. a CLI-only process).
+    pub plugins: Option<Arc<PluginRegistry>>,
+    pub routes: Vec<RouteSummary>,
+}
+
 pub(crate) struct AdminState {
     pub store: Arc<dyn EventStore>,
+    pub plugins: Option<Arc<PluginRegistry>>,
+    pub routes: Vec<RouteSummary>,
     pub token: Option<BearerToken>,
 }
 
@@ -51,10 +65,7 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Check the settings and bind the port, so a misconfiguration stops `serve` at start.
-    pub async fn bind(
-        settings: AdminSettings,
-        store: Arc<dyn EventStore>,
-    ) -> Result<Self, AdminError> {
+    pub async fn bind(settings: AdminSettings, context: AdminContext) -> Result<Self, AdminError> {
         if !settings.listen.ip().is_loopback() && settings.token.is_none() {
             return Err(AdminError::ExposedWithoutToken(settings.listen));
         }
@@ -66,7 +77,9 @@ impl AdminServer {
                     source,
                 })?;
         let state = Arc::new(AdminState {
-            store,
+            store: context.store,
+            plugins: context.plugins,
+            routes: context.routes,
             token: settings.token,
         });
         Ok(AdminServer {

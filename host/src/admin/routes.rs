@@ -2,28 +2,31 @@
 //! token when one is set.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
-use serde::Deserialize;
+use axum::Router;
 
 use super::auth::require_token;
 use super::AdminState;
 
 pub(super) fn router(state: Arc<AdminState>) -> Router {
-    let api = Router::new()
-        .route("/instances", get(instances))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ));
+    let api = super::api::router().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        require_token,
+    ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_token,
+            )),
+        )
         .nest("/api", api)
         .with_state(state)
 }
@@ -40,19 +43,22 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct InstancesQuery {
-    /// Seconds; instances last seen longer ago are gone.
-    within_secs: Option<u64>,
-}
-
-async fn instances(
-    State(state): State<Arc<AdminState>>,
-    Query(query): Query<InstancesQuery>,
-) -> Response {
-    let within = Duration::from_secs(query.within_secs.unwrap_or(120));
-    match state.store.instances(within).await {
-        Ok(instances) => Json(instances).into_response(),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+/// Prometheus metrics. Behind the token when one is set, like `/api`: the series name
+/// every route and plugin and show their traffic; scrapers send it as a bearer token.
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    match crate::metrics::render(state.store.as_ref()).await {
+        Some(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics unavailable: another metrics recorder is installed in this process\n",
+        )
+            .into_response(),
     }
 }

@@ -37,12 +37,9 @@ pub fn print(text: &str) -> std::io::Result<()> {
     }
 }
 
-/// An event for scripts: the model's fields, `event_data` and `headers` as JSON values
-/// when the stored text parses (a producer may have written anything on SQLite).
+/// An event for scripts (see [`Event::to_json`]).
 pub fn event_json(event: &Event) -> anyhow::Result<Value> {
-    let mut value = serde_json::to_value(event)?;
-    embed_stored_json(&mut value);
-    Ok(value)
+    Ok(event.to_json()?)
 }
 
 pub fn events_json(events: &[Event]) -> anyhow::Result<Value> {
@@ -54,22 +51,7 @@ pub fn events_json(events: &[Event]) -> anyhow::Result<Value> {
 }
 
 pub fn detail_json(detail: &EventDetail) -> anyhow::Result<Value> {
-    let mut value = serde_json::to_value(detail)?;
-    embed_stored_json(&mut value);
-    Ok(value)
-}
-
-fn embed_stored_json(value: &mut Value) {
-    let Some(object) = value.as_object_mut() else {
-        return;
-    };
-    for key in ["event_data", "headers"] {
-        if let Some(Value::String(text)) = object.get(key) {
-            if let Ok(parsed) = serde_json::from_str::<Value>(text) {
-                object.insert(key.to_string(), parsed);
-            }
-        }
-    }
+    Ok(detail.to_json()?)
 }
 
 /// Events as a table, one row each, with a payload preview.

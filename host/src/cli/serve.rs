@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::admin::{AdminServer, AdminSettings, BearerToken};
+use crate::admin::{AdminContext, AdminServer, AdminSettings, BearerToken, RouteSummary};
 use crate::service::Service;
 use crate::store::{self, redact_url, EventStore};
 
@@ -54,7 +54,12 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
                 listen: admin.listen,
                 token,
             };
-            Some(AdminServer::bind(settings, store.clone()).await?)
+            let context = AdminContext {
+                store: store.clone(),
+                plugins: Some(service.plugins.clone()),
+                routes: config.routes().map(RouteSummary::of).collect(),
+            };
+            Some(AdminServer::bind(settings, context).await?)
         }
         _ => None,
     };

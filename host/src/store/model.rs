@@ -247,6 +247,39 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
 }
 
+impl Event {
+    /// The event for scripts and the API: its fields, with `event_data` and `headers` as
+    /// JSON values when the stored text parses (on SQLite a producer may write anything;
+    /// then the text stays a string).
+    pub fn to_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        embed_stored_json(&mut value);
+        Ok(value)
+    }
+}
+
+impl EventDetail {
+    /// As [`Event::to_json`], with the deliveries and attempts.
+    pub fn to_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        embed_stored_json(&mut value);
+        Ok(value)
+    }
+}
+
+fn embed_stored_json(value: &mut serde_json::Value) {
+    let Some(object) = value.as_object_mut() else {
+        return;
+    };
+    for key in ["event_data", "headers"] {
+        if let Some(serde_json::Value::String(text)) = object.get(key) {
+            if let Ok(parsed) = serde_json::from_str::<serde_json::Value>(text) {
+                object.insert(key.to_string(), parsed);
+            }
+        }
+    }
+}
+
 /// The routing-relevant part of an event, handed to the router during fan-out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventHead {
