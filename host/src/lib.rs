@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod metrics;
 pub mod router;
 pub mod runtime;
 pub mod service;

@@ -91,6 +91,7 @@ impl Service {
             lease: dispatch.lease,
             poll_interval: dispatch.poll_interval,
             listen: dispatch.listen,
+            shutdown_deadline: dispatch.shutdown_deadline,
         };
         let dispatcher = Dispatcher::new(
             store,

@@ -177,3 +177,82 @@ fn serve_refuses_a_route_whose_plugin_is_missing() {
         "{stderr}"
     );
 }
+
+/// SIGTERM while an attempt is still running: after the shutdown deadline the lease is
+/// given back (not left to expire) and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_leases_of_attempts_past_the_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "store = \"sqlite://herald.db\"\nplugins_dir = {:?}\n\n[admin]\nenabled = false\n\n\
+             [dispatch]\npoll_interval = \"20ms\"\nshutdown_deadline = \"300ms\"\n\n\
+             [[routes]]\nname = \"slow\"\nevent_types = [\"slow.*\"]\nplugin = \"spin\"\ntime_limit = \"20s\"\n",
+            plugins_dir().display().to_string(),
+        ),
+    )
+    .expect("write config");
+    assert!(herald(&config, &["migrate"]).status.success());
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald serve");
+    let appended = stdout_json(&herald(
+        &config,
+        &[
+            "--json",
+            "events",
+            "append",
+            "--type",
+            "slow.job",
+            "--entity-type",
+            "job",
+            "--entity-id",
+            "1",
+            "--data",
+            "{}",
+        ],
+    ));
+    let id = appended["event_id"].as_i64().expect("event id").to_string();
+    let leased = async {
+        loop {
+            let shown = stdout_json(&herald(&config, &["events", "show", &id, "--json"]));
+            if !shown["deliveries"][0]["locked_by"].is_null() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), leased)
+        .await
+        .expect("the attempt started");
+
+    let pid = serve.id().expect("serve is running").to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(10), serve.wait())
+        .await
+        .expect("serve stops soon after the deadline, not after the plugin's 20 s")
+        .expect("wait for serve");
+    assert!(status.success(), "serve exited with {status}");
+
+    let shown = stdout_json(&herald(&config, &["events", "show", &id, "--json"]));
+    let delivery = &shown["deliveries"][0];
+    assert!(
+        delivery["locked_by"].is_null(),
+        "lease released: {delivery}"
+    );
+    assert_eq!(
+        delivery["attempts"], 0,
+        "the unfinished attempt is not counted"
+    );
+    assert_eq!(shown["event_status"], "READY");
+}

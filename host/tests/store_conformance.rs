@@ -880,6 +880,34 @@ async fn instances_show_heartbeats_and_held_leases(f: &Fixture) {
         .is_empty());
 }
 
+async fn backlog_counts_ready_events_and_waiting_retries(f: &Fixture) {
+    assert_eq!(
+        f.store.backlog().await.expect("backlog"),
+        store::Backlog::default()
+    );
+    f.store
+        .append_batch(&[order("A", 1), order("B", 1)])
+        .await
+        .expect("append");
+    let backlog = f.store.backlog().await.expect("backlog");
+    assert_eq!((backlog.ready_events, backlog.waiting_retry), (2, 0));
+    f.store.fan_out(10, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 10).await;
+    complete_one(
+        f,
+        &batch[0],
+        "alpha",
+        Outcome::Retry {
+            after: Duration::from_secs(60),
+            reason: "later".into(),
+        },
+    )
+    .await;
+    complete_one(f, &batch[1], "alpha", Outcome::delivered()).await;
+    let backlog = f.store.backlog().await.expect("backlog");
+    assert_eq!((backlog.ready_events, backlog.waiting_retry), (0, 1));
+}
+
 async fn list_filters_and_entity_history(f: &Fixture) {
     f.store
         .append_batch(&[
@@ -1003,6 +1031,7 @@ on_both_backends!(
     release_returns_leases_without_spending_an_attempt,
     list_filters_and_entity_history,
     renewal_keeps_a_lease_alive_only_for_its_owner,
+    backlog_counts_ready_events_and_waiting_retries,
     instances_show_heartbeats_and_held_leases,
     migrate_is_idempotent_and_schema_checks_pass,
 );

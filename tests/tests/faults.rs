@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::Herald;
 use herald::store::{
-    Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery, DeliveryFilter,
-    Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport, Instance, NewEvent,
-    RedriveSelection, Router, StoreError, StoreResult,
+    Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
+    DeliveryFilter, Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport,
+    Instance, NewEvent, RedriveSelection, Router, StoreError, StoreResult,
 };
 use herald_tests::sink::Sink;
 use serde_json::json;
@@ -164,6 +164,9 @@ impl EventStore for CrashBeforeCommit {
             return Err(StoreError::Invariant("injected crash before commit".into()));
         }
         self.inner.complete(completions).await
+    }
+    async fn backlog(&self) -> StoreResult<Backlog> {
+        self.inner.backlog().await
     }
     async fn release(&self, owner: &str, ids: &[i64]) -> StoreResult<u64> {
         self.inner.release(owner, ids).await

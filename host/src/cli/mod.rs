@@ -120,8 +120,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let printed = runtime.block_on(dispatch(cli))?;
-    output::print(&printed).context("cannot write to stdout")
+    let printed = runtime.block_on(dispatch(cli));
+    // A plugin call abandoned at the shutdown deadline may still be computing until its
+    // own time limit; do not wait for it to exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    output::print(&printed?).context("cannot write to stdout")
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<String> {

@@ -58,6 +58,8 @@ plugins_dir = "plugins"
 # concurrency = 32         # plugin calls in flight at once
 # lease = "60s"            # a claim is held this long; another instance may take it after
 # poll_interval = "500ms"  # how often to look for new events when there is nothing to do
+# shutdown_deadline = "30s"  # on SIGTERM, attempts in flight get this long to finish;
+#                          # the leases of any still running are then released
 # listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
 #                          # safety net (a pooler in transaction mode drops notifications)
 

@@ -23,6 +23,10 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// On Postgres, wake on LISTEN/NOTIFY instead of waiting for the next poll.
     pub listen: bool,
+    /// On SIGTERM, how long attempts in flight may take to finish before their leases
+    /// are released.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -34,6 +38,7 @@ impl Default for DispatchConfig {
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
             listen: true,
+            shutdown_deadline: Duration::from_secs(30),
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct DispatchSettings {
     /// Wake on the store's new-event notifications (Postgres LISTEN/NOTIFY) instead of
     /// waiting for the next poll.
     pub listen: bool,
+    /// On shutdown, how long attempts in flight may take to finish.
+    pub shutdown_deadline: Duration,
 }
 
 impl Default for DispatchSettings {
@@ -58,6 +60,7 @@ impl Default for DispatchSettings {
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
             listen: true,
+            shutdown_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -108,6 +111,8 @@ impl Dispatcher {
         settings: DispatchSettings,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        // Before the first delivery, so no count is lost to the no-op recorder.
+        crate::metrics::install();
         Dispatcher {
             store,
             router,
@@ -135,6 +140,7 @@ impl Dispatcher {
                 router.plans_for(head)
             })
             .await?;
+        crate::metrics::fanned_out(&fanned);
         let free = self
             .slots
             .available_permits()
@@ -158,6 +164,7 @@ impl Dispatcher {
             claimed: claimed.len(),
         };
         for delivery in claimed {
+            crate::metrics::claimed(&delivery.route);
             let Ok(permit) = self.slots.clone().acquire_owned().await else {
                 break;
             };
@@ -253,10 +260,35 @@ impl Dispatcher {
                 }
             }
         }
-        self.wait_idle().await;
+        self.finish_in_flight().await;
         let _ = heartbeat.await;
         if let Err(err) = self.store.deregister(&self.settings.instance_id).await {
             tracing::warn!(%err, "could not deregister this instance");
+        }
+    }
+
+    /// Let running attempts finish and record their outcomes, up to the shutdown
+    /// deadline; then give back the leases of those still running, so another instance
+    /// takes them at once instead of after the lease expires.
+    async fn finish_in_flight(&self) {
+        let deadline = self.settings.shutdown_deadline;
+        if tokio::time::timeout(deadline, self.wait_idle())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let unfinished: Vec<i64> = lock(&self.in_flight).iter().copied().collect();
+        match self
+            .store
+            .release(&self.settings.instance_id, &unfinished)
+            .await
+        {
+            Ok(released) => tracing::warn!(
+                released,
+                "attempts still running after the shutdown deadline; their leases are released"
+            ),
+            Err(err) => tracing::error!(%err, "could not release leases; they expire on their own"),
         }
     }
 
@@ -343,6 +375,14 @@ impl Worker {
         let started_at = Utc::now();
         let clock = Instant::now();
         let (outcome, plugin_version) = self.decide(&delivery).await;
+        let duration = clock.elapsed();
+        // A route this instance does not configure has no plugin: an empty label.
+        let plugin = self
+            .routes
+            .get(&delivery.route)
+            .map_or("", |route| route.plugin.as_str());
+        let attempt_outcome = outcome.attempt_outcome();
+        crate::metrics::attempt_duration(&delivery.route, plugin, duration);
         let host_events = match &outcome {
             Outcome::Dead { reason } => dead_notice(&delivery, reason).into_iter().collect(),
             _ => Vec::new(),
@@ -355,18 +395,31 @@ impl Worker {
             outcome,
             plugin_version,
             started_at,
-            duration: clock.elapsed(),
+            duration,
             host_events,
         };
         match self.store.complete(&[completion]).await {
             Ok(results) if results.first() == Some(&CompletionResult::LeaseLost) => {
                 tracing::warn!("lease lost before the outcome was recorded; another instance owns the delivery now");
+                crate::metrics::outcome_lost(
+                    &delivery.route,
+                    crate::metrics::LostOutcome::LeaseLost,
+                );
             }
-            Ok(_) => {}
+            Ok(_) => crate::metrics::attempt_recorded(
+                &delivery.route,
+                plugin,
+                attempt_outcome,
+                delivery.event.created_at,
+            ),
             // The lease runs out and the delivery is claimed again: at least once, and the
             // sink dedups on the idempotency key.
             Err(err) => {
-                tracing::error!(%err, "could not record the outcome; the delivery will run again")
+                tracing::error!(%err, "could not record the outcome; the delivery will run again");
+                crate::metrics::outcome_lost(
+                    &delivery.route,
+                    crate::metrics::LostOutcome::StoreError,
+                );
             }
         }
     }

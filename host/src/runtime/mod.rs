@@ -166,7 +166,7 @@ impl PluginRuntime {
         event: Event,
     ) -> CallReport {
         let limits = grant.limits.clone();
-        let mut store = self.new_store(grant, event.id);
+        let mut store = self.new_store(grant.clone(), event.id);
         let run = async {
             let instance = plugin
                 .pre
@@ -184,6 +184,9 @@ impl PluginRuntime {
             Ok(Err(Err(fault))) => Err(fault),
             Ok(Err(Ok(err))) => Err(classify(&err, store.data(), &limits)),
         };
+        if let Err(fault) = &outcome {
+            crate::metrics::plugin_fault(&grant.route, &plugin.name, fault);
+        }
         let emitted = std::mem::take(&mut store.data_mut().emitted);
         CallReport { outcome, emitted }
     }

@@ -96,6 +96,10 @@ pub trait EventStore: Send + Sync {
         Ok(false)
     }
 
+    /// How much work waits: READY events and deliveries waiting for a retry. Both counts
+    /// walk a partial index, so a scrape stays cheap while the backlog is small.
+    async fn backlog(&self) -> StoreResult<Backlog>;
+
     /// Give leases back without counting the attempt (graceful shutdown).
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64>;
 
@@ -120,6 +124,11 @@ pub trait EventStore: Send + Sync {
     /// back to READY. Returns how many were redriven.
     async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64>;
 }
+
+/// The backlog query; the same SQL on both backends.
+pub(crate) const BACKLOG_SQL: &str = "SELECT \
+     (SELECT count(*) FROM events WHERE event_status = 'READY') AS ready_events, \
+     (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry";
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://...`.
 pub async fn open(url: &str, options: OpenOptions) -> StoreResult<Box<dyn EventStore>> {

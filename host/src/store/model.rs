@@ -531,6 +531,15 @@ pub struct EventFilter {
     pub oldest_first: bool,
 }
 
+/// Work waiting in the store, for the backlog gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Backlog {
+    /// Events whose status is READY.
+    pub ready_events: u64,
+    /// Deliveries whose status is RETRY.
+    pub waiting_retry: u64,
+}
+
 /// A Herald process as `herald instances` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Instance {

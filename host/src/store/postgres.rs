@@ -21,10 +21,10 @@ use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
 use super::sqlite::duration_us;
 use super::{
-    delivery_key, redact_url, Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
-    Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead,
-    EventStatus, EventStore, FanOutReport, Instance, NewEvent, Outcome, RedriveSelection, Router,
-    StoreError, StoreResult,
+    delivery_key, redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion,
+    CompletionResult, Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter,
+    EventHead, EventStatus, EventStore, FanOutReport, Instance, NewEvent, Outcome,
+    RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -414,6 +414,21 @@ impl EventStore for PostgresStore {
         }
         tx.commit().await.doing("committing outcomes")?;
         Ok(results)
+    }
+
+    async fn backlog(&self) -> StoreResult<Backlog> {
+        let row = sqlx::query(super::BACKLOG_SQL)
+            .fetch_one(&self.pool)
+            .await
+            .doing("counting the backlog")?;
+        let count = |column: &str| -> StoreResult<u64> {
+            let value = row.int(column)?;
+            u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} = {value}")))
+        };
+        Ok(Backlog {
+            ready_events: count("ready_events")?,
+            waiting_retry: count("waiting_retry")?,
+        })
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {

@@ -24,10 +24,10 @@ use super::time::{
     from_sqlite_text, sqlite_offset, sqlite_offset_back, to_sqlite_text, SQLITE_NOW,
 };
 use super::{
-    delivery_key, Backend, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
-    DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead, EventStatus,
-    EventStore, FanOutReport, Instance, NewEvent, OpenOptions, RedriveSelection, Router,
-    StoreError, StoreResult,
+    delivery_key, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
+    Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead,
+    EventStatus, EventStore, FanOutReport, Instance, NewEvent, OpenOptions, RedriveSelection,
+    Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -427,6 +427,21 @@ impl EventStore for SqliteStore {
         }
         tx.commit().await.doing("committing outcomes")?;
         Ok(results)
+    }
+
+    async fn backlog(&self) -> StoreResult<Backlog> {
+        let row = sqlx::query(super::BACKLOG_SQL)
+            .fetch_one(&self.pool)
+            .await
+            .doing("counting the backlog")?;
+        let count = |column: &str| -> StoreResult<u64> {
+            let value = row.int(column)?;
+            u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} = {value}")))
+        };
+        Ok(Backlog {
+            ready_events: count("ready_events")?,
+            waiting_retry: count("waiting_retry")?,
+        })
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
