@@ -745,3 +745,67 @@ async fn append_list_show_on_postgres() {
     );
     schema.drop().await;
 }
+
+#[test]
+fn plugins_deploy_checks_the_file_and_list_shows_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugins = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let config = dir.path().join("herald.toml");
+    std::fs::write(&config, "plugins_dir = \"plugins\"\n").expect("config");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("run herald")
+    };
+    let echo = plugins.join("echo.wasm");
+    let deployed = run(&["--json", "plugins", "deploy", echo.to_str().expect("path")]);
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    assert!(
+        dir.path().join("plugins/echo.wasm").is_file(),
+        "installed under its describe() name"
+    );
+
+    let listed = run(&["--json", "plugins", "list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed[0]["name"], "echo");
+    assert!(listed[0]["version"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("sha256:")));
+
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a plugin").expect("junk");
+    let refused = run(&[
+        "plugins",
+        "deploy",
+        junk.to_str().expect("path"),
+        "--name",
+        "echo",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("not a valid WebAssembly component"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("plugins/echo.wasm")).expect("still there"),
+        std::fs::read(&echo).expect("echo"),
+        "a refused deploy changes nothing"
+    );
+    let traversal = run(&[
+        "plugins",
+        "deploy",
+        echo.to_str().expect("path"),
+        "--name",
+        "../evil",
+    ]);
+    assert!(!traversal.status.success());
+    assert!(!dir.path().join("evil.wasm").exists());
+}

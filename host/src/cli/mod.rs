@@ -8,6 +8,7 @@ mod input;
 mod instances;
 mod logging;
 mod output;
+mod plugins;
 mod report;
 mod serve;
 
@@ -107,6 +108,9 @@ Examples:
     Deliveries(deliveries::DeliveriesCommand),
     /// The herald serve processes sharing this store, and the leases each holds
     Instances(instances::InstancesArgs),
+    /// Deploy, list and roll back plugins (a running herald serve picks changes up)
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
 }
 
 /// Run a parsed command line to completion. Logging starts here so `--log-format` applies.
@@ -137,6 +141,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Serve(args) => serve::serve(global, &args).await,
         Command::Deliveries(command) => deliveries::run(global, command).await,
         Command::Instances(args) => instances::run(global, &args).await,
+        Command::Plugins(command) => plugins::run(global, command).await,
     }
 }
 

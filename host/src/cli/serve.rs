@@ -7,7 +7,11 @@ use clap::Args;
 use tokio::sync::watch;
 
 use crate::admin::{AdminContext, AdminServer, AdminSettings, BearerToken, RouteSummary};
+use crate::runtime::hot_reload::PluginWatcher;
 use crate::service::Service;
+
+/// How often the plugin directory is looked at; a deploy takes effect within two scans.
+const PLUGIN_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 use crate::store::{self, redact_url, EventStore};
 
 use super::{context, GlobalArgs};
@@ -70,6 +74,16 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
         }
         tokio::spawn(server.run(stopped.clone()))
     });
+    let plugins_dir = config.plugins_dir();
+    let watcher = plugins_dir.is_dir().then(|| {
+        let watcher = PluginWatcher::new(
+            &plugins_dir,
+            service.runtime.clone(),
+            service.plugins.clone(),
+        );
+        tracing::info!(dir = %plugins_dir.display(), "watching for plugin deploys");
+        tokio::spawn(watcher.run(PLUGIN_SCAN_INTERVAL, stopped.clone()))
+    });
     tokio::spawn(async move {
         match shutdown_signal().await {
             Ok(signal) => tracing::info!(
@@ -81,6 +95,9 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
         let _ = stop.send(true);
     });
     service.dispatcher.run(stopped).await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     if let Some(task) = admin_task {
         match task.await {
             Ok(Ok(())) => {}

@@ -4,9 +4,11 @@
 mod bindings;
 mod engine;
 mod host;
+pub mod hot_reload;
 mod limits;
 mod plugin;
 mod registry;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::path::Path;

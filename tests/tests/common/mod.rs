@@ -29,9 +29,18 @@ pub fn plugins_dir() -> PathBuf {
 const DEFAULT_DISPATCH: &str = "lease = \"30s\"\npoll_interval = \"20ms\"";
 
 fn config(dir: &tempfile::TempDir, dispatch: &str, routes: &str) -> Config {
+    config_with_plugins(dir, &plugins_dir(), dispatch, routes)
+}
+
+fn config_with_plugins(
+    dir: &tempfile::TempDir,
+    plugins: &std::path::Path,
+    dispatch: &str,
+    routes: &str,
+) -> Config {
     let text = format!(
         "plugins_dir = {:?}\n\n[dispatch]\n{dispatch}\n\n{routes}",
-        plugins_dir().display().to_string()
+        plugins.display().to_string()
     );
     Config::parse(&text, &dir.path().join("herald.toml"))
         .unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
@@ -71,6 +80,21 @@ impl Herald {
     async fn start(dir: tempfile::TempDir, url: &str, backend: Backend, routes: &str) -> Herald {
         let config = config(&dir, DEFAULT_DISPATCH, routes);
         Herald::with_store(dir, url, backend, config, |store| store).await
+    }
+
+    /// A SQLite Herald whose plugin directory is its own copy of `plugins` (of the built
+    /// ones), so a test may deploy into it.
+    pub async fn sqlite_with_own_plugins(plugins: &[&str], routes: &str) -> Herald {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let own = dir.path().join("plugins");
+        std::fs::create_dir(&own).expect("plugins dir");
+        for name in plugins {
+            let file = format!("{name}.wasm");
+            std::fs::copy(plugins_dir().join(&file), own.join(&file)).expect("copy plugin");
+        }
+        let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+        let config = config_with_plugins(&dir, &own, DEFAULT_DISPATCH, routes);
+        Herald::with_store(dir, &url, Backend::Sqlite, config, |store| store).await
     }
 
     /// A SQLite Herald with its own `[dispatch]` keys and its store wrapped.
