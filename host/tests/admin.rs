@@ -27,6 +27,7 @@ async fn start(store: Arc<dyn EventStore>, token: Option<&str>) -> Running {
         store,
         plugins: None,
         routes: Vec::new(),
+        deploys: None,
     };
     let server = AdminServer::bind(settings, context)
         .await
@@ -102,6 +103,7 @@ async fn without_a_token_the_api_is_open_on_loopback_only() {
         store,
         plugins: None,
         routes: Vec::new(),
+        deploys: None,
     };
     let refused = AdminServer::bind(exposed, context).await.err();
     assert!(matches!(refused, Some(AdminError::ExposedWithoutToken(_))));
@@ -219,4 +221,76 @@ async fn the_api_shows_events_and_redrives_dead_letters() {
     assert_eq!(body["redriven"], 1);
     let (_, dead) = get_json(&client, &format!("{}/api/deliveries/dead", admin.base)).await;
     assert_eq!(dead.as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_uploads_are_checked_before_anything_changes() {
+    use herald::admin::Deploys;
+    use herald::runtime::{EngineSettings, PluginRegistry, PluginRuntime};
+
+    let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let echo = std::fs::read(built.join("echo.wasm")).expect("echo.wasm (run tests/build-plugins)");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugins_dir = dir.path().join("plugins");
+    let store = sqlite_store(&dir).await;
+    let registry = Arc::new(PluginRegistry::default());
+    let runtime = Arc::new(PluginRuntime::new(EngineSettings::default()).expect("runtime"));
+    let settings = AdminSettings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        token: BearerToken::new("t0ken"),
+    };
+    let context = AdminContext {
+        store,
+        plugins: Some(registry.clone()),
+        routes: Vec::new(),
+        deploys: Some(Deploys {
+            runtime,
+            plugins_dir: plugins_dir.clone(),
+        }),
+    };
+    let server = AdminServer::bind(settings, context).await.expect("bind");
+    let base = format!("http://{}", server.local_addr().expect("addr"));
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(stopped));
+    let client = reqwest::Client::new();
+    let put = |name: &str, body: Vec<u8>, token: Option<&str>| {
+        let mut request = client.put(format!("{base}/api/plugins/{name}")).body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let anonymous = put("echo", echo.clone(), None).await.expect("put");
+    assert_eq!(anonymous.status(), 401);
+    let garbage = put("echo", b"\0asm but not really".to_vec(), Some("t0ken"))
+        .await
+        .expect("put");
+    assert_eq!(garbage.status(), 422);
+    let not_wasm = put("echo", b"#!/bin/sh".to_vec(), Some("t0ken"))
+        .await
+        .expect("put");
+    assert_eq!(not_wasm.status(), 422);
+    let traversal = put("..%2Fevil", echo.clone(), Some("t0ken"))
+        .await
+        .expect("put");
+    assert_eq!(traversal.status(), 400);
+    let too_big = put("echo", vec![0u8; (64 << 20) + 1], Some("t0ken"))
+        .await
+        .expect("put");
+    assert_eq!(too_big.status(), 413);
+    assert!(registry.get("echo").is_none(), "nothing was deployed");
+    assert!(
+        !plugins_dir.join("echo.wasm").exists(),
+        "nothing was installed"
+    );
+
+    let deployed = put("echo", echo.clone(), Some("t0ken")).await.expect("put");
+    assert_eq!(deployed.status(), 200);
+    let running = registry.get("echo").expect("echo in service");
+    assert_eq!(
+        std::fs::read(plugins_dir.join("echo.wasm")).expect("installed"),
+        echo
+    );
+    assert!(running.version.starts_with("sha256:"));
 }

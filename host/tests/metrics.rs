@@ -141,6 +141,7 @@ async fn metrics_count_a_known_workload_exactly() {
         store: store.clone(),
         plugins: Some(service.plugins.clone()),
         routes: Vec::new(),
+        deploys: None,
     };
     let server = AdminServer::bind(settings, context)
         .await

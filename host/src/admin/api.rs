@@ -4,22 +4,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::AdminState;
 use crate::config::{Ordering, RouteConfig};
+use crate::metrics::{self, DeployResult};
+use crate::runtime::versions::{valid_plugin_name, PluginDir};
 use crate::store::{
     DeliveryFilter, DeliveryStatus, EventFilter, EventStatus, RedriveSelection, StoreError,
 };
 
 /// The most rows one list request returns.
 const MAX_LIMIT: u32 = 1000;
+
+/// The largest plugin upload accepted; a bigger body is refused before it is read whole.
+const MAX_PLUGIN_BYTES: usize = 64 << 20;
 
 pub(super) fn router() -> Router<Arc<AdminState>> {
     Router::new()
@@ -30,6 +37,11 @@ pub(super) fn router() -> Router<Arc<AdminState>> {
         .route("/deliveries/redrive", post(redrive))
         .route("/routes", get(routes))
         .route("/plugins", get(plugins))
+        .route(
+            "/plugins/{name}",
+            put(upload_plugin).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        )
+        .route("/plugins/{name}/rollback", post(rollback_plugin))
         .route("/instances", get(instances))
 }
 
@@ -240,4 +252,78 @@ async fn instances(
     let within = Duration::from_secs(query.within_secs.unwrap_or(120));
     let instances = state.store.instances(within).await?;
     Ok(Json(serde_json::to_value(instances)?))
+}
+
+/// `PUT /api/plugins/NAME` with the component as the body: checked (it must compile,
+/// link and describe itself), then put in service and installed in the plugin directory.
+/// Anything wrong changes nothing.
+async fn upload_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let (Some(deploys), Some(registry)) = (&state.deploys, &state.plugins) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this server does not take plugin uploads".into(),
+        ));
+    };
+    if !valid_plugin_name(&name) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("'{name}' is not a plugin name (lowercase letters, digits, '-' and '_')"),
+        ));
+    }
+    if !body.starts_with(b"\0asm") {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body is not WebAssembly (no \\0asm header)".into(),
+        ));
+    }
+    let plugin = match deploys.runtime.load_bytes(&name, body.to_vec()).await {
+        Ok(plugin) => plugin,
+        Err(err) => {
+            metrics::plugin_deployed(&name, DeployResult::Refused);
+            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()));
+        }
+    };
+    let dir = PluginDir::new(&deploys.plugins_dir);
+    dir.install(&name, &body)
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    let version = plugin.version.clone();
+    let previous = registry.insert(plugin).map(|p| p.version.clone());
+    if let Err(err) = dir.record(&name, &body) {
+        tracing::warn!(%err, plugin = %name, "deployed, but cannot keep the version for rollback");
+    }
+    metrics::plugin_deployed(&name, DeployResult::Deployed);
+    tracing::info!(plugin = %name, %version, ?previous, "plugin deployed by upload");
+    Ok(Json(
+        json!({ "plugin": name, "version": version, "previous": previous }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    to: Option<String>,
+}
+
+/// `POST /api/plugins/NAME/rollback` (optionally `{"to": "HASH"}`): the previous version
+/// goes back into the plugin directory; the watcher of each instance deploys it.
+async fn rollback_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Option<Json<RollbackRequest>>,
+) -> ApiResult {
+    let Some(deploys) = &state.deploys else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this server does not manage plugins".into(),
+        ));
+    };
+    let request = body.map(|Json(r)| r).unwrap_or_default();
+    let version = PluginDir::new(&deploys.plugins_dir)
+        .rollback(&name, request.to.as_deref())
+        .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
+    Ok(Json(json!({ "plugin": name, "version": version })))
 }

@@ -6,6 +6,7 @@ mod auth;
 mod routes;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use crate::store::EventStore;
 pub use api::RouteSummary;
 pub use auth::BearerToken;
 
-use crate::runtime::PluginRegistry;
+use crate::runtime::{PluginRegistry, PluginRuntime};
 
 /// Where and how the admin server listens.
 #[derive(Debug, Clone)]
@@ -48,12 +49,21 @@ pub struct AdminContext {
     /// `None` where no plugins run (e.g. a CLI-only process).
     pub plugins: Option<Arc<PluginRegistry>>,
     pub routes: Vec<RouteSummary>,
+    /// Where uploaded plugins are checked and installed; `None` disables uploads.
+    pub deploys: Option<Deploys>,
+}
+
+/// What a plugin upload needs: the runtime to check it with, the directory to keep it in.
+pub struct Deploys {
+    pub runtime: Arc<PluginRuntime>,
+    pub plugins_dir: PathBuf,
 }
 
 pub(crate) struct AdminState {
     pub store: Arc<dyn EventStore>,
     pub plugins: Option<Arc<PluginRegistry>>,
     pub routes: Vec<RouteSummary>,
+    pub deploys: Option<Deploys>,
     pub token: Option<BearerToken>,
 }
 
@@ -80,6 +90,7 @@ impl AdminServer {
             store: context.store,
             plugins: context.plugins,
             routes: context.routes,
+            deploys: context.deploys,
             token: settings.token,
         });
         Ok(AdminServer {

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::admin::{AdminContext, AdminServer, AdminSettings, BearerToken, RouteSummary};
+use crate::admin::{AdminContext, AdminServer, AdminSettings, BearerToken, Deploys, RouteSummary};
 use crate::runtime::hot_reload::PluginWatcher;
 use crate::service::Service;
 
@@ -62,6 +62,10 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
                 store: store.clone(),
                 plugins: Some(service.plugins.clone()),
                 routes: config.routes().map(RouteSummary::of).collect(),
+                deploys: Some(Deploys {
+                    runtime: service.runtime.clone(),
+                    plugins_dir: config.plugins_dir(),
+                }),
             };
             Some(AdminServer::bind(settings, context).await?)
         }
