@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use crate::capabilities::http::{HttpCapability, HttpPolicy};
 use crate::config::{Config, Ordering, RouteConfig};
-use crate::dispatch::{default_instance_id, DispatchSettings, Dispatcher, Route};
+use crate::dispatch::{
+    default_instance_id, DispatchSettings, Dispatcher, Route, RouteSwitch, RouteTable,
+};
 use crate::router::{RouteMatch, Router};
 use crate::runtime::{CallLimits, EngineSettings, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::EventStore;
@@ -49,6 +51,7 @@ impl Service {
                 .unwrap_or(u32::MAX)
                 .saturating_add(4),
             max_memory: (max_memory_mb as usize) << 20,
+            cache_dir: Some(config.plugins_dir().join(".cache")),
             ..EngineSettings::default()
         })?);
         let plugins = Arc::new(PluginRegistry::default());
@@ -64,26 +67,7 @@ impl Service {
             )));
         }
 
-        let mut routes = HashMap::new();
-        let mut matches = Vec::new();
-        for spec in config.routes() {
-            if plugins.get(&spec.plugin).is_none() {
-                return Err(ServiceError::Route(format!(
-                    "route '{}': plugin '{}' is not loaded (expected {} to be a valid plugin)",
-                    spec.name,
-                    spec.plugin,
-                    dir.join(format!("{}.wasm", spec.plugin)).display()
-                )));
-            }
-            routes.insert(spec.name.clone(), route(spec)?);
-            matches.push(RouteMatch {
-                route: spec.name.clone(),
-                event_types: spec.event_types.clone(),
-                target: spec.target.clone(),
-                ordered: spec.ordering == Ordering::Entity,
-            });
-        }
-        let router = Arc::new(Router::new(&matches)?);
+        let table = route_table(config, &plugins)?;
         let settings = DispatchSettings {
             instance_id: instance_id(&dispatch.instance_id),
             batch_size: dispatch.batch_size.max(1),
@@ -93,20 +77,66 @@ impl Service {
             listen: dispatch.listen,
             shutdown_deadline: dispatch.shutdown_deadline,
         };
-        let dispatcher = Dispatcher::new(
-            store,
-            router,
-            routes,
-            plugins.clone(),
-            runtime.clone(),
-            settings,
-        );
+        let dispatcher = Dispatcher::new(store, table, plugins.clone(), runtime.clone(), settings);
         Ok(Service {
             runtime,
             plugins,
             dispatcher,
         })
     }
+}
+
+/// The routes a config describes, each checked against the plugins in service.
+pub fn route_table(config: &Config, plugins: &PluginRegistry) -> Result<RouteTable, ServiceError> {
+    let mut routes = HashMap::new();
+    let mut matches = Vec::new();
+    for spec in config.routes() {
+        if plugins.get(&spec.plugin).is_none() {
+            return Err(ServiceError::Route(format!(
+                "route '{}': plugin '{}' is not loaded (expected {} to be a valid plugin)",
+                spec.name,
+                spec.plugin,
+                config
+                    .plugins_dir()
+                    .join(format!("{}.wasm", spec.plugin))
+                    .display()
+            )));
+        }
+        routes.insert(spec.name.clone(), route(spec)?);
+        matches.push(RouteMatch {
+            route: spec.name.clone(),
+            event_types: spec.event_types.clone(),
+            target: spec.target.clone(),
+            ordered: spec.ordering == Ordering::Entity,
+        });
+    }
+    Ok(RouteTable::new(Router::new(&matches)?, routes))
+}
+
+/// Re-read the config file and, if it is valid and its plugins are in service, swap in
+/// its routes. Only `[[routes]]` change this way; the other sections need a restart.
+pub fn reload_routes(
+    path: &std::path::Path,
+    runtime: &PluginRuntime,
+    plugins: &PluginRegistry,
+    switch: &RouteSwitch,
+) -> Result<usize, String> {
+    let config = Config::load(path).map_err(|err| err.to_string())?;
+    let engine_max_mb = runtime.settings().max_memory >> 20;
+    if let Some(route) = config
+        .routes()
+        .find(|r| r.memory_limit_mb as usize > engine_max_mb)
+    {
+        return Err(format!(
+            "route '{}': memory_limit_mb {} is above the {engine_max_mb} MiB this process \
+             started with; restart to raise it",
+            route.name, route.memory_limit_mb
+        ));
+    }
+    let table = route_table(&config, plugins).map_err(|err| err.to_string())?;
+    let count = table.routes.len();
+    switch.replace(table);
+    Ok(count)
 }
 
 fn route(spec: &RouteConfig) -> Result<Route, ServiceError> {

@@ -99,6 +99,27 @@ async fn without_a_token_the_api_is_open_on_loopback_only() {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         token: None,
     };
+    // With a token it starts on every address, and the API answers 401 without it.
+    let guarded = AdminSettings {
+        listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+        token: BearerToken::new("t0ken"),
+    };
+    let context = AdminContext {
+        store: store.clone(),
+        plugins: None,
+        routes: Vec::new(),
+        deploys: None,
+    };
+    let server = AdminServer::bind(guarded, context)
+        .await
+        .expect("bind 0.0.0.0");
+    let port = server.local_addr().expect("addr").port();
+    let (_stop_guarded, stopped) = watch::channel(false);
+    tokio::spawn(server.run(stopped));
+    let refused = reqwest::get(format!("http://127.0.0.1:{port}/api/instances"))
+        .await
+        .expect("get");
+    assert_eq!(refused.status(), 401);
     let context = AdminContext {
         store,
         plugins: None,

@@ -563,7 +563,7 @@ fn unknown_config_keys_name_the_key_and_line() {
     let err = fails(run(dir.path(), &["migrate"]));
     assert_eq!(
         err,
-        "error: herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'dispatch', 'routes', 'admin'"
+        "error: herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'log_level', 'dispatch', 'routes', 'admin'"
     );
     assert!(!dir.path().join("x.db").exists() && !dir.path().join("herald.db").exists());
 }

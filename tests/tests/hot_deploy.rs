@@ -157,7 +157,15 @@ async fn bad_files_are_refused_and_the_running_version_keeps_delivering() {
     ] {
         plugins.install("echo", &bytes).expect("install");
         match deploy_outcome(&mut watcher).await {
-            DeployOutcome::Refused { reason, .. } => assert!(!reason.is_empty(), "{what}"),
+            DeployOutcome::Refused { reason, .. } => {
+                assert!(!reason.is_empty(), "{what}");
+                if what.contains("another interface") {
+                    assert!(
+                        reason.contains("does not fit herald:plugin@0.1.0"),
+                        "{reason}"
+                    );
+                }
+            }
             deployed => panic!("{what} was deployed: {deployed:?}"),
         }
         let id = herald.append(event(1)).await;

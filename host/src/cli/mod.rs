@@ -119,7 +119,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) => logging::SERVICE_FILTER,
         _ => logging::COMMAND_FILTER,
     };
-    logging::init(cli.global.log_format, default_filter);
+    // The config's log_level, if the file reads; a bad file is reported by the command.
+    let configured = crate::config::Config::discover(cli.global.config.as_deref())
+        .ok()
+        .and_then(|config| config.log_level().map(String::from));
+    logging::init(
+        cli.global.log_format,
+        configured.as_deref().unwrap_or(default_filter),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

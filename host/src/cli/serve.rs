@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::admin::{AdminContext, AdminServer, AdminSettings, BearerToken, Deploys, RouteSummary};
 use crate::runtime::hot_reload::PluginWatcher;
-use crate::service::Service;
+use crate::service::{reload_routes, Service};
 
 /// How often the plugin directory is looked at; a deploy takes effect within two scans.
 const PLUGIN_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -23,7 +24,9 @@ Examples:
   RUST_LOG=herald=debug herald serve --log-format json
   herald serve --until-idle            # deliver what is due, then exit
 
-The store is migrated on start. Plugins are loaded from plugins_dir; a route whose plugin \
+The store is migrated on start. SIGHUP re-reads the config file and swaps in its routes \
+when it is valid (other sections need a restart); an invalid file is refused and logged, \
+and the running config stays. Plugins are loaded from plugins_dir; a route whose plugin \
 is missing or broken stops the start with the reason. SIGTERM or SIGINT stops claiming, \
 lets the attempts in flight finish and record their outcomes, and exits 0.")]
 pub struct ServeArgs {
@@ -88,6 +91,27 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
         tracing::info!(dir = %plugins_dir.display(), "watching for plugin deploys");
         tokio::spawn(watcher.run(PLUGIN_SCAN_INTERVAL, stopped.clone()))
     });
+    if let Some(path) = config.path().map(std::path::Path::to_path_buf) {
+        let switch = service.dispatcher.route_switch();
+        let runtime = service.runtime.clone();
+        let plugins = service.plugins.clone();
+        tokio::spawn(async move {
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP; config reload is off");
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                match reload_routes(&path, &runtime, &plugins, &switch) {
+                    Ok(routes) => {
+                        tracing::info!(routes, config = %path.display(), "config reloaded")
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "config reload refused; the running config stays")
+                    }
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         match shutdown_signal().await {
             Ok(signal) => tracing::info!(
@@ -114,7 +138,6 @@ pub async fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<Stri
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     Ok(tokio::select! {

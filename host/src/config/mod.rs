@@ -5,6 +5,7 @@
 //! A relative SQLite path in the file is relative to the file's directory, so a config
 //! behaves the same whatever directory `herald` runs from.
 
+mod env;
 mod service;
 
 use std::fmt;
@@ -36,6 +37,10 @@ const TEMPLATE: &str = r#"# herald.toml: configuration of Herald, the event hand
 # Every key may be left out; the value shown is the default. Unknown keys are errors, so a
 # misspelt key is reported with its line instead of being silently ignored.
 
+# Environment variables override this file: HERALD_STORE, HERALD_PLUGINS_DIR,
+# HERALD_DISPATCH_<KEY> and HERALD_ADMIN_<KEY> (e.g. HERALD_DISPATCH_CONCURRENCY=64,
+# HERALD_ADMIN_LISTEN=0.0.0.0:7474), HERALD_ADMIN_TOKEN and HERALD_INSTANCE_ID.
+
 # The event store: the `events` table producers INSERT into, plus Herald's delivery books.
 #
 #   sqlite://PATH                      embedded store in one file; a relative PATH is
@@ -46,6 +51,10 @@ const TEMPLATE: &str = r#"# herald.toml: configuration of Herald, the event hand
 # Overridden by the HERALD_STORE environment variable, which the --store flag overrides.
 # Keep passwords out of this file: put them in HERALD_STORE or in ~/.pgpass.
 store = "sqlite://herald.db"
+
+# Log filter when RUST_LOG is not set (RUST_LOG wins), e.g. "info" or "herald=debug,warn".
+# Default: "info" for `herald serve`, "warn" for the other commands.
+# log_level = "info"
 
 # Directory of plugins: each NAME.wasm in it is the plugin NAME. Relative to this file.
 plugins_dir = "plugins"
@@ -103,6 +112,7 @@ pub struct Config {
     /// The store URL as written in the file, with its position for error messages.
     store: Option<Spanned<String>>,
     plugins_dir: Option<String>,
+    log_level: Option<String>,
     #[serde(default)]
     dispatch: DispatchConfig,
     #[serde(default)]
@@ -161,6 +171,8 @@ pub enum ConfigError {
     },
     #[error("{}: {message}", path.display())]
     InvalidUnlocated { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
 }
 
 impl Config {
@@ -181,15 +193,14 @@ impl Config {
     /// The config a command runs with: the named file (which must exist), otherwise
     /// `./herald.toml` when present, otherwise the defaults.
     pub fn discover(named: Option<&Path>) -> Result<Config, ConfigError> {
-        if let Some(path) = named {
-            return Config::load(path);
-        }
         let default = Path::new(DEFAULT_CONFIG_FILE);
-        if default.is_file() {
-            Config::load(default)
-        } else {
-            Ok(Config::default())
-        }
+        let mut config = match named {
+            Some(path) => Config::load(path)?,
+            None if default.is_file() => Config::load(default)?,
+            None => Config::default(),
+        };
+        config.apply_overrides(|name| std::env::var(name).ok())?;
+        Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -237,6 +248,11 @@ impl Config {
         }
         config.path = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// The log filter when `RUST_LOG` is not set, e.g. `info` or `herald=debug,warn`.
+    pub fn log_level(&self) -> Option<&str> {
+        self.log_level.as_deref()
     }
 
     /// Where plugins are loaded from: `plugins_dir`, relative to the config file.
@@ -386,7 +402,7 @@ mod tests {
         let err = parse("# comment\n\nstor = \"sqlite://x.db\"\n").err();
         assert_eq!(
             err.as_deref(),
-            Some("herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'dispatch', 'routes', 'admin'")
+            Some("herald.toml:3:1: unknown key 'stor', expected one of 'store', 'plugins_dir', 'log_level', 'dispatch', 'routes', 'admin'")
         );
     }
 

@@ -88,10 +88,50 @@ impl PassReport {
     }
 }
 
+/// The routes in force: how events fan out, and what each route runs with.
+pub struct RouteTable {
+    pub router: Router,
+    pub routes: Arc<HashMap<String, Route>>,
+}
+
+impl RouteTable {
+    pub fn new(router: Router, routes: HashMap<String, Route>) -> Self {
+        RouteTable {
+            router,
+            routes: Arc::new(routes),
+        }
+    }
+}
+
+/// Swaps the route table of a running dispatcher (config reload). A pass or a delivery
+/// takes the table once, so it never sees half of an old and half of a new config.
+#[derive(Clone)]
+pub struct RouteSwitch(Arc<std::sync::RwLock<Arc<RouteTable>>>);
+
+impl RouteSwitch {
+    fn new(table: RouteTable) -> Self {
+        RouteSwitch(Arc::new(std::sync::RwLock::new(Arc::new(table))))
+    }
+
+    pub fn current(&self) -> Arc<RouteTable> {
+        match self.0.read() {
+            Ok(table) => table.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, table: RouteTable) {
+        let mut current = match self.0.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *current = Arc::new(table);
+    }
+}
+
 pub struct Dispatcher {
     store: Arc<dyn EventStore>,
-    router: Arc<Router>,
-    routes: Arc<HashMap<String, Route>>,
+    table: RouteSwitch,
     plugins: Arc<PluginRegistry>,
     runtime: Arc<PluginRuntime>,
     settings: DispatchSettings,
@@ -104,8 +144,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         store: Arc<dyn EventStore>,
-        router: Arc<Router>,
-        routes: HashMap<String, Route>,
+        table: RouteTable,
         plugins: Arc<PluginRegistry>,
         runtime: Arc<PluginRuntime>,
         settings: DispatchSettings,
@@ -115,8 +154,7 @@ impl Dispatcher {
         crate::metrics::install();
         Dispatcher {
             store,
-            router,
-            routes: Arc::new(routes),
+            table: RouteSwitch::new(table),
             plugins,
             runtime,
             settings,
@@ -130,14 +168,19 @@ impl Dispatcher {
         &self.settings
     }
 
+    /// A handle that replaces the routes of this dispatcher while it runs.
+    pub fn route_switch(&self) -> RouteSwitch {
+        self.table.clone()
+    }
+
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
-        let router = self.router.clone();
+        let table = self.table.current();
         let fanned = self
             .store
-            .fan_out(self.settings.batch_size, &move |head| {
-                router.plans_for(head)
+            .fan_out(self.settings.batch_size, &|head| {
+                table.router.plans_for(head)
             })
             .await?;
         crate::metrics::fanned_out(&fanned);
@@ -295,7 +338,7 @@ impl Dispatcher {
     fn worker(&self) -> Worker {
         Worker {
             store: self.store.clone(),
-            routes: self.routes.clone(),
+            routes: self.table.current().routes.clone(),
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),

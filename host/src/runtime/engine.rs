@@ -1,6 +1,7 @@
 //! The one wasmtime engine of the process: pooling allocator, epoch interruption, and a
 //! linker that knows WASI (granting nothing) and Herald's capabilities.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,10 @@ pub struct EngineSettings {
     pub max_memory: usize,
     /// Granularity of time limits.
     pub epoch_tick: Duration,
+    /// Where compiled plugins are kept between runs, so a restart need not compile them
+    /// again; `None` compiles every time. Only a directory Herald owns: what is in it
+    /// runs as native code.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineSettings {
@@ -28,6 +33,7 @@ impl Default for EngineSettings {
             max_instances: 64,
             max_memory: 256 << 20,
             epoch_tick: Duration::from_millis(10),
+            cache_dir: None,
         }
     }
 }

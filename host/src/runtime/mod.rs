@@ -2,6 +2,7 @@
 //! (`InstancePre`), a fresh instance and store per call, with the route's limits.
 
 mod bindings;
+mod cache;
 mod engine;
 mod host;
 pub mod hot_reload;
@@ -26,6 +27,7 @@ pub use plugin::{LoadError, LoadedPlugin};
 pub use registry::PluginRegistry;
 
 use bindings::PluginPre;
+use cache::{CompileCache, Compiled};
 use engine::EpochTicker;
 use host::HostState;
 
@@ -59,6 +61,7 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<HostState>,
     settings: EngineSettings,
+    cache: Option<Arc<CompileCache>>,
     _ticker: EpochTicker,
 }
 
@@ -68,10 +71,15 @@ impl PluginRuntime {
         let linker = engine::build_linker(&engine).map_err(|e| RuntimeError(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone(), settings.epoch_tick)
             .map_err(|e| RuntimeError(format!("epoch thread: {e}")))?;
+        let cache = settings
+            .cache_dir
+            .clone()
+            .map(|dir| Arc::new(CompileCache::new(dir, &engine)));
         Ok(PluginRuntime {
             engine,
             linker,
             settings,
+            cache,
             _ticker: ticker,
         })
     }
@@ -96,14 +104,24 @@ impl PluginRuntime {
         let version = plugin::content_version(&bytes);
         let engine = self.engine.clone();
         let owned_name = name.to_string();
-        // Compilation takes milliseconds to seconds of CPU: keep it off the async workers.
-        let component =
-            tokio::task::spawn_blocking(move || plugin::compile(&engine, &owned_name, &bytes))
-                .await
-                .map_err(|err| LoadError::Compile {
-                    name: name.to_string(),
-                    reason: format!("compiler task failed: {err}"),
-                })??;
+        let cache = self.cache.clone();
+        // Compilation takes milliseconds to seconds of CPU, and the cache reads and writes
+        // files: keep both off the async workers.
+        let Compiled {
+            component,
+            from_cache,
+        } = tokio::task::spawn_blocking(move || match cache {
+            Some(cache) => cache.load_or_compile(&engine, &owned_name, &bytes),
+            None => plugin::compile(&engine, &owned_name, &bytes).map(|component| Compiled {
+                component,
+                from_cache: false,
+            }),
+        })
+        .await
+        .map_err(|err| LoadError::Compile {
+            name: name.to_string(),
+            reason: format!("compiler task failed: {err}"),
+        })??;
         let interface_error = |err: wasmtime::Error| LoadError::Interface {
             name: name.to_string(),
             reason: plugin::first_line(&err),
@@ -145,6 +163,7 @@ impl PluginRuntime {
             name: name.to_string(),
             version,
             info,
+            from_cache,
             pre,
         })
     }

@@ -15,6 +15,9 @@ pub struct LoadedPlugin {
     pub version: String,
     /// What the plugin said about itself when it was checked.
     pub info: PluginInfo,
+    /// Whether the machine code was read from the compile cache rather than compiled by
+    /// this load.
+    pub from_cache: bool,
     pub(super) pre: PluginPre<HostState>,
 }
 
