@@ -2,7 +2,7 @@
 //! request, answers from a script (then 200), and counts effects once per idempotency
 //! key, the way a well-behaved receiver deduplicates.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -175,5 +175,50 @@ async fn receive(
     match extra {
         Some((name, value)) => (code, [(name, value)], text).into_response(),
         None => (code, text).into_response(),
+    }
+}
+
+/// What a receiver saw of webhook deliveries (JSON bodies with `id` and `entity.id`, as
+/// the webhook plugin sends them), in arrival order.
+pub struct Arrivals {
+    pub ids: HashSet<i64>,
+    /// Requests for an event that had arrived before (redeliveries).
+    pub repeats: usize,
+    /// Events that arrived after a later event of the same entity.
+    pub order_violations: Vec<String>,
+}
+
+impl Arrivals {
+    pub fn distinct(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+pub fn arrivals(requests: &[Recorded]) -> Arrivals {
+    let mut ids = HashSet::new();
+    let mut repeats = 0;
+    let mut latest: HashMap<String, i64> = HashMap::new();
+    let mut order_violations = Vec::new();
+    for request in requests {
+        let body = request.json();
+        let (Some(id), Some(entity)) = (body["id"].as_i64(), body["entity"]["id"].as_str()) else {
+            order_violations.push(format!("unreadable delivery: {body}"));
+            continue;
+        };
+        if !ids.insert(id) {
+            repeats += 1;
+        }
+        // A repeat of the entity's latest event (a redelivery after a crash) is fine;
+        // anything earlier than what already arrived overtook it.
+        let last = latest.entry(entity.to_string()).or_insert(id);
+        if id < *last {
+            order_violations.push(format!("{entity}: event {id} arrived after {last}"));
+        }
+        *last = (*last).max(id);
+    }
+    Arrivals {
+        ids,
+        repeats,
+        order_violations,
     }
 }

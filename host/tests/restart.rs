@@ -5,13 +5,13 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use herald_tests::sink::{Recorded, Sink};
+use herald_tests::sink::{arrivals, Recorded, Sink};
 use serde_json::{json, Value};
 use support::{plugins_dir, spawn_serve, stdout_json};
 
@@ -40,41 +40,6 @@ async fn open_events(config: &Path) -> usize {
         open += listed.as_array().expect("a JSON array of events").len();
     }
     open
-}
-
-/// What the receiver saw, in arrival order.
-struct Arrivals {
-    ids: HashSet<i64>,
-    repeats: usize,
-    order_violations: Vec<String>,
-}
-
-fn arrivals(requests: &[Recorded]) -> Arrivals {
-    let mut ids = HashSet::new();
-    let mut repeats = 0;
-    let mut latest: HashMap<String, i64> = HashMap::new();
-    let mut order_violations = Vec::new();
-    for request in requests {
-        let body = request.json();
-        let (Some(id), Some(entity)) = (body["id"].as_i64(), body["entity"]["id"].as_str()) else {
-            order_violations.push(format!("unreadable delivery: {body}"));
-            continue;
-        };
-        if !ids.insert(id) {
-            repeats += 1;
-        }
-        // A repeat of the entity's latest event is allowed; an earlier one overtook it.
-        let last = latest.entry(entity.to_string()).or_insert(id);
-        if id < *last {
-            order_violations.push(format!("{entity}: event {id} arrived after {last}"));
-        }
-        *last = (*last).max(id);
-    }
-    Arrivals {
-        ids,
-        repeats,
-        order_violations,
-    }
 }
 
 fn log_tail(path: &Path) -> String {

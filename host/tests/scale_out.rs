@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald::store::{self, EventFilter, EventStatus, EventStore, NewEvent};
-use herald_tests::sink::{Recorded, Sink};
+use herald_tests::sink::{arrivals, Sink};
 use herald_tests::PgSchema;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -130,47 +130,11 @@ impl Cluster {
     }
 }
 
-/// What the receiver saw, in arrival order.
-struct Arrivals {
-    distinct: usize,
-    repeats: usize,
-    order_violations: Vec<String>,
-}
-
-fn arrivals(requests: &[Recorded]) -> Arrivals {
-    let mut seen = HashSet::new();
-    let mut repeats = 0;
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut order_violations = Vec::new();
-    for request in requests {
-        let body = request.json();
-        let (Some(id), Some(entity)) = (body["id"].as_i64(), body["entity"]["id"].as_str()) else {
-            order_violations.push(format!("unreadable delivery: {body}"));
-            continue;
-        };
-        if !seen.insert(id) {
-            repeats += 1;
-        }
-        // A repeat of the entity's latest event (a redelivery after a crash) is fine;
-        // anything earlier than what already arrived is an overtaking.
-        let latest = last.entry(entity.to_string()).or_insert(id);
-        if id < *latest {
-            order_violations.push(format!("{entity}: event {id} arrived after {latest}"));
-        }
-        *latest = (*latest).max(id);
-    }
-    Arrivals {
-        distinct: seen.len(),
-        repeats,
-        order_violations,
-    }
-}
-
 /// Wait until the receiver has every event and the store has nothing open.
 async fn wait_until_done(cluster: &Cluster, sink: &Sink, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let distinct = arrivals(&sink.requests()).distinct;
+        let distinct = arrivals(&sink.requests()).distinct();
         if distinct >= EVENTS && cluster.open_events().await == 0 {
             return;
         }
@@ -187,7 +151,7 @@ async fn wait_until_done(cluster: &Cluster, sink: &Sink, limit: Duration) {
 
 async fn wait_for_arrivals(sink: &Sink, distinct: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while arrivals(&sink.requests()).distinct < distinct {
+    while arrivals(&sink.requests()).distinct() < distinct {
         assert!(
             Instant::now() < deadline,
             "fewer than {distinct} deliveries in {limit:?}"
@@ -218,7 +182,7 @@ async fn three_instances_deliver_everything_once_in_entity_order() {
         EVENTS as f64 / elapsed.as_secs_f64(),
         seen.repeats
     );
-    assert_eq!(seen.distinct, EVENTS, "every event arrived");
+    assert_eq!(seen.distinct(), EVENTS, "every event arrived");
     assert!(
         seen.order_violations.is_empty(),
         "{:?}",
@@ -272,9 +236,9 @@ async fn a_killed_instance_is_taken_over_and_nothing_is_lost_or_reordered() {
     let seen = arrivals(&sink.requests());
     eprintln!(
         "kill and take-over: {} distinct, {} raw repeats (redelivered after the kill, absorbed by the key)",
-        seen.distinct, seen.repeats
+        seen.distinct(), seen.repeats
     );
-    assert_eq!(seen.distinct, EVENTS, "no event lost");
+    assert_eq!(seen.distinct(), EVENTS, "no event lost");
     assert!(
         seen.order_violations.is_empty(),
         "{:?}",
@@ -402,7 +366,7 @@ async fn a_late_commit_is_delivered_once_by_a_cluster() {
     slow_tx.commit().await.expect("late commit");
     wait_for_arrivals(&sink, 51, Duration::from_secs(60)).await;
     let seen = arrivals(&sink.requests());
-    assert_eq!((seen.distinct, seen.repeats), (51, 0));
+    assert_eq!((seen.distinct(), seen.repeats), (51, 0));
     assert!(sink.requests().iter().any(|r| r.json()["id"] == late));
     cluster.finish().await;
 }

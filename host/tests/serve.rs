@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use herald_tests::sink::{Reply, Sink};
-use support::{herald, plugins_dir, stdout_json};
+use support::{herald, plugins_dir, serve_in_foreground, stdout_json};
 
 async fn wait_for_status(config: &Path, id: i64, status: &str) {
     let wait = async {
@@ -51,13 +51,7 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
     .expect("write config");
     assert!(herald(&config, &["migrate"]).status.success());
 
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start herald serve");
+    let mut serve = serve_in_foreground(&config);
 
     let appended = stdout_json(&herald(
         &config,
@@ -195,13 +189,7 @@ async fn sigterm_releases_the_leases_of_attempts_past_the_deadline() {
     )
     .expect("write config");
     assert!(herald(&config, &["migrate"]).status.success());
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start herald serve");
+    let mut serve = serve_in_foreground(&config);
     let appended = stdout_json(&herald(
         &config,
         &[
@@ -270,13 +258,7 @@ async fn sighup_reloads_routes_and_refuses_a_broken_config() {
     );
     std::fs::write(&config, &base).expect("write config");
     assert!(herald(&config, &["migrate"]).status.success());
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start herald serve");
+    let mut serve = serve_in_foreground(&config);
     let pid = serve.id().expect("running").to_string();
     // The CLI reads its own file: the served one is about to be broken on purpose.
     let cli = dir.path().join("cli.toml");

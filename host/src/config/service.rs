@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::dispatch::RetryPolicy;
+use crate::dispatch::{DispatchSettings, RetryPolicy};
 
 /// `[dispatch]`: how this instance claims and runs work.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,14 +31,16 @@ pub struct DispatchConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
+        // One set of defaults: the dispatcher's own.
+        let defaults = DispatchSettings::default();
         DispatchConfig {
             instance_id: String::new(),
-            batch_size: 100,
-            concurrency: 32,
-            lease: Duration::from_secs(60),
-            poll_interval: Duration::from_millis(500),
-            listen: true,
-            shutdown_deadline: Duration::from_secs(30),
+            batch_size: defaults.batch_size,
+            concurrency: defaults.concurrency,
+            lease: defaults.lease,
+            poll_interval: defaults.poll_interval,
+            listen: defaults.listen,
+            shutdown_deadline: defaults.shutdown_deadline,
         }
     }
 }

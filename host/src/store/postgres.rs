@@ -421,14 +421,7 @@ impl EventStore for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .doing("counting the backlog")?;
-        let count = |column: &str| -> StoreResult<u64> {
-            let value = row.int(column)?;
-            u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} = {value}")))
-        };
-        Ok(Backlog {
-            ready_events: count("ready_events")?,
-            waiting_retry: count("waiting_retry")?,
-        })
+        rows::backlog(&row)
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {

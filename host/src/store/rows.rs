@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    Attempt, AttemptOutcome, ClaimedDelivery, Delivery, DeliveryStatus, Event, EventStatus,
-    Instance, LedgerEntry, StoreError, StoreResult,
+    Attempt, AttemptOutcome, Backlog, ClaimedDelivery, Delivery, DeliveryStatus, Event,
+    EventStatus, Instance, LedgerEntry, StoreError, StoreResult,
 };
 
 pub(crate) trait StoreRow {
@@ -125,5 +125,17 @@ pub(crate) fn instance(row: &impl StoreRow) -> StoreResult<Instance> {
         started_at: row.time("started_at")?,
         last_seen: row.time("last_seen")?,
         leases_held: row.int("leases_held")?,
+    })
+}
+
+/// The row of [`super::BACKLOG_SQL`].
+pub(crate) fn backlog(row: &impl StoreRow) -> StoreResult<Backlog> {
+    let count = |column: &str| -> StoreResult<u64> {
+        let value = row.int(column)?;
+        u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} = {value}")))
+    };
+    Ok(Backlog {
+        ready_events: count("ready_events")?,
+        waiting_retry: count("waiting_retry")?,
     })
 }

@@ -50,3 +50,14 @@ pub fn spawn_serve(config: &Path, instance_id: &str, log: &Path) -> tokio::proce
         .spawn()
         .expect("start herald serve")
 }
+
+/// `herald serve` with its log on the test's stderr, killed (SIGKILL) when dropped.
+pub fn serve_in_foreground(config: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald serve")
+}
