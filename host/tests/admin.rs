@@ -315,3 +315,50 @@ async fn plugin_uploads_are_checked_before_anything_changes() {
     );
     assert!(running.version.starts_with("sha256:"));
 }
+
+#[tokio::test]
+async fn readiness_needs_every_routes_plugin() {
+    use herald::admin::RouteSummary;
+    use herald::runtime::PluginRegistry;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = sqlite_store(&dir).await;
+    let route = RouteSummary {
+        name: "hooks".into(),
+        event_types: vec!["order.*".into()],
+        target: None,
+        plugin: "webhook".into(),
+        ordered: true,
+        allowed_hosts: Vec::new(),
+        time_limit_ms: 1000,
+        memory_limit_mb: 64,
+        max_attempts: 3,
+    };
+    let settings = AdminSettings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        token: None,
+    };
+    let context = AdminContext {
+        store,
+        plugins: Some(Arc::new(PluginRegistry::default())),
+        routes: vec![route],
+        deploys: None,
+    };
+    let server = AdminServer::bind(settings, context).await.expect("bind");
+    let base = format!("http://{}", server.local_addr().expect("addr"));
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(stopped));
+    let ready = reqwest::get(format!("{base}/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let text = ready.text().await.expect("body");
+    assert!(
+        text.contains("plugin 'webhook' of route 'hooks' is not loaded"),
+        "{text}"
+    );
+    let alive = reqwest::get(format!("{base}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(alive.status(), 200);
+}

@@ -31,16 +31,33 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// Ready when the store answers with a current schema.
+/// Ready when the store answers with a current schema and every route's plugin is in
+/// service.
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
-    match state.store.check_schema().await {
-        Ok(()) => "ready\n".into_response(),
-        Err(err) => (
+    if let Err(err) = state.store.check_schema().await {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {err}\n"),
         )
-            .into_response(),
+            .into_response();
     }
+    if let Some(registry) = &state.plugins {
+        if let Some(route) = state
+            .routes
+            .iter()
+            .find(|r| registry.get(&r.plugin).is_none())
+        {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: plugin '{}' of route '{}' is not loaded\n",
+                    route.plugin, route.name
+                ),
+            )
+                .into_response();
+        }
+    }
+    "ready\n".into_response()
 }
 
 /// Prometheus metrics. Behind the token when one is set, like `/api`: the series name
