@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::AdminState;
 use crate::config::{Ordering, RouteConfig};
-use crate::metrics::{self, DeployResult};
+use crate::runtime::hot_reload::{put_in_service, refuse};
 use crate::runtime::versions::{valid_plugin_name, PluginDir};
 use crate::store::{
     DeliveryFilter, DeliveryStatus, EventFilter, EventStatus, RedriveSelection, StoreError,
@@ -283,20 +283,16 @@ async fn upload_plugin(
     let plugin = match deploys.runtime.load_bytes(&name, body.to_vec()).await {
         Ok(plugin) => plugin,
         Err(err) => {
-            metrics::plugin_deployed(&name, DeployResult::Refused);
-            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()));
+            let reason = err.to_string();
+            refuse(&name, &reason);
+            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, reason));
         }
     };
     let dir = PluginDir::new(&deploys.plugins_dir);
     dir.install(&name, &body)
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
     let version = plugin.version.clone();
-    let previous = registry.insert(plugin).map(|p| p.version.clone());
-    if let Err(err) = dir.record(&name, &body) {
-        tracing::warn!(%err, plugin = %name, "deployed, but cannot keep the version for rollback");
-    }
-    metrics::plugin_deployed(&name, DeployResult::Deployed);
-    tracing::info!(plugin = %name, %version, ?previous, "plugin deployed by upload");
+    let previous = put_in_service(registry, &dir, plugin, &body);
     Ok(Json(
         json!({ "plugin": name, "version": version, "previous": previous }),
     ))

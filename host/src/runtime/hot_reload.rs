@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::versions::{valid_plugin_name, PluginDir};
-use super::{PluginRegistry, PluginRuntime};
+use super::{LoadedPlugin, PluginRegistry, PluginRuntime};
 use crate::metrics::{self, DeployResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,32 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub enum DeployOutcome {
     Deployed { plugin: String, version: String },
     Refused { plugin: String, reason: String },
+}
+
+/// Put a checked plugin in service, whichever way it arrived (directory or upload): it
+/// replaces the running version (calls in flight keep theirs), is kept for rollback, and
+/// the deploy is counted and logged. Returns the version it replaced.
+pub fn put_in_service(
+    registry: &PluginRegistry,
+    dir: &PluginDir,
+    plugin: LoadedPlugin,
+    bytes: &[u8],
+) -> Option<String> {
+    let name = plugin.name.clone();
+    let version = plugin.version.clone();
+    let previous = registry.insert(plugin).map(|p| p.version.clone());
+    if let Err(err) = dir.record(&name, bytes) {
+        tracing::warn!(%err, plugin = %name, "deployed, but cannot keep the version for rollback");
+    }
+    metrics::plugin_deployed(&name, DeployResult::Deployed);
+    tracing::info!(plugin = %name, %version, ?previous, "plugin deployed");
+    previous
+}
+
+/// Count and log a plugin that failed its checks; the running version stays.
+pub fn refuse(name: &str, reason: &str) {
+    metrics::plugin_deployed(name, DeployResult::Refused);
+    tracing::error!(plugin = name, %reason, "plugin refused; the running version stays");
 }
 
 pub struct PluginWatcher {
@@ -126,12 +152,7 @@ impl PluginWatcher {
             Ok(plugin) if Some(&plugin.version) == running.as_ref() => None,
             Ok(plugin) => {
                 let version = plugin.version.clone();
-                self.registry.insert(plugin);
-                if let Err(err) = self.dir.record(name, &bytes) {
-                    tracing::warn!(%err, plugin = name, "deployed, but cannot keep the version for rollback");
-                }
-                metrics::plugin_deployed(name, DeployResult::Deployed);
-                tracing::info!(plugin = name, %version, previous = ?running, "plugin deployed");
+                put_in_service(&self.registry, &self.dir, plugin, &bytes);
                 Some(DeployOutcome::Deployed {
                     plugin: name.to_string(),
                     version,
@@ -142,8 +163,7 @@ impl PluginWatcher {
     }
 
     fn refused(&self, name: &str, reason: String) -> DeployOutcome {
-        metrics::plugin_deployed(name, DeployResult::Refused);
-        tracing::error!(plugin = name, %reason, "plugin refused; the running version stays");
+        refuse(name, &reason);
         DeployOutcome::Refused {
             plugin: name.to_string(),
             reason,
