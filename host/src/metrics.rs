@@ -178,8 +178,8 @@ pub fn fanned_out(report: &FanOutReport) {
     }
 }
 
-pub fn claimed(route: &str) {
-    counter!(CLAIMED, "route" => route.to_owned()).increment(1);
+pub fn claimed(route: &str, count: usize) {
+    counter!(CLAIMED, "route" => route.to_owned()).increment(count as u64);
 }
 
 pub fn attempt_duration(route: &str, plugin: &str, duration: Duration) {

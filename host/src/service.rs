@@ -157,6 +157,7 @@ fn route(spec: &RouteConfig) -> Result<Route, ServiceError> {
     let limits = CallLimits {
         time: spec.time_limit,
         memory: (spec.memory_limit_mb as usize) << 20,
+        events_per_instance: spec.events_per_instance,
         ..CallLimits::default()
     };
     Ok(Route {

@@ -284,6 +284,14 @@ async fn plugin_uploads_are_checked_before_anything_changes() {
 
     let anonymous = put("echo", echo.clone(), None).await.expect("put");
     assert_eq!(anonymous.status(), 401);
+    // Refused before its body was read: the connection closes, and the answer says so.
+    assert_eq!(
+        anonymous
+            .headers()
+            .get(reqwest::header::CONNECTION)
+            .map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let garbage = put("echo", b"\0asm but not really".to_vec(), Some("t0ken"))
         .await
         .expect("put");

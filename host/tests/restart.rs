@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use herald_tests::sink::{arrivals, Recorded, Sink};
 use serde_json::{json, Value};
-use support::{plugins_dir, spawn_serve, stdout_json};
+use support::{plugins_dir, sigterm, spawn_serve, stdout_json};
 
 const EVENTS: usize = 2_000;
 const ENTITIES: usize = 100;
@@ -122,12 +122,7 @@ async fn sigterm_mid_run_then_restart_delivers_everything_once_in_order() {
     let mut before = spawn_serve(&config, "before", &before_log);
     sink.wait_for(STOP_AFTER, Duration::from_secs(30)).await;
     let at_signal = sink.requests().len();
-    let pid = before.id().expect("serve is running").to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    sigterm(&before);
     let signalled = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(20), before.wait())
         .await

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use herald_tests::sink::{Reply, Sink};
-use support::{herald, plugins_dir, serve_in_foreground, stdout_json};
+use support::{herald, plugins_dir, serve_in_foreground, sigterm, stdout_json};
 
 async fn wait_for_status(config: &Path, id: i64, status: &str) {
     let wait = async {
@@ -132,12 +132,7 @@ async fn serve_delivers_redrives_and_stops_on_sigterm() {
     let listed = stdout_json(&herald(&config, &["--json", "instances"]));
     assert_eq!(listed[0]["instance_id"], instances[0]["instance_id"]);
 
-    let pid = serve.id().expect("serve is running").to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    sigterm(&serve);
     let status = tokio::time::timeout(Duration::from_secs(20), serve.wait())
         .await
         .expect("serve stops after SIGTERM")
@@ -220,12 +215,7 @@ async fn sigterm_releases_the_leases_of_attempts_past_the_deadline() {
         .await
         .expect("the attempt started");
 
-    let pid = serve.id().expect("serve is running").to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    sigterm(&serve);
     let status = tokio::time::timeout(Duration::from_secs(10), serve.wait())
         .await
         .expect("serve stops soon after the deadline, not after the plugin's 20 s")
@@ -345,11 +335,7 @@ async fn sighup_reloads_routes_and_refuses_a_broken_config() {
     tokio::time::timeout(limit, reloaded)
         .await
         .expect("route b took effect");
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    sigterm(&serve);
     let status = tokio::time::timeout(limit, serve.wait())
         .await
         .expect("stops")

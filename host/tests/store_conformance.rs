@@ -777,6 +777,131 @@ async fn a_lost_lease_in_a_batch_writes_nothing_for_it(f: &Fixture) {
     );
 }
 
+/// One batch carries every kind of outcome, and both routes of the payment events: each
+/// event is settled from all of its deliveries, each attempt logged once, and only the
+/// delivered and skipped keys enter the ledger.
+async fn a_batch_of_mixed_outcomes_settles_each_event(f: &Fixture) {
+    let mut events = Vec::new();
+    for n in 0..40 {
+        events.push(NewEvent::new(
+            "payment.captured",
+            "payment",
+            format!("P{n}"),
+            json!({ "n": n }),
+        ));
+    }
+    let ids = f.store.append_batch(&events).await.expect("append");
+    let fanned = f.store.fan_out(100, &router).await.expect("fan out");
+    assert_eq!(fanned.deliveries, 80);
+    let batch = claim(f, "alpha", 100).await;
+    assert_eq!(batch.len(), 80);
+    // By event: n % 4 == 0 both delivered, 1 audit retries, 2 ledger dead, 3 audit skipped.
+    let completions: Vec<Completion> = batch
+        .iter()
+        .map(|claimed| {
+            let n = ids
+                .iter()
+                .position(|id| *id == claimed.event.event_id)
+                .expect("claimed one of ours")
+                % 4;
+            let outcome = match (n, claimed.route.as_str()) {
+                (1, "audit") => Outcome::Retry {
+                    after: Duration::from_secs(60),
+                    reason: "audit down".into(),
+                },
+                (2, "ledger") => Outcome::Dead {
+                    reason: "ledger refused".into(),
+                },
+                (3, "audit") => Outcome::Skipped {
+                    reason: "nothing to audit".into(),
+                },
+                _ => Outcome::delivered(),
+            };
+            Completion::for_claim(claimed, "alpha", outcome)
+        })
+        .collect();
+    let results = f.store.complete(&completions).await.expect("complete");
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, CompletionResult::Committed { .. })));
+    for (i, id) in ids.iter().enumerate() {
+        let (status, reason) = status_of(f, *id).await;
+        let expected = match i % 4 {
+            1 => (
+                EventStatus::Failed,
+                Some("route audit: audit down".to_string()),
+            ),
+            2 => (
+                EventStatus::Dead,
+                Some("route ledger: ledger refused".to_string()),
+            ),
+            _ => (EventStatus::Success, None),
+        };
+        assert_eq!((status, reason), expected, "event {i}");
+    }
+    assert_eq!(f.count("SELECT count(*) FROM herald_attempts").await, 80);
+    // Every delivered or skipped delivery: 80, less the 10 retries and the 10 dead.
+    assert_eq!(f.count("SELECT count(*) FROM herald_idempotency").await, 60);
+}
+
+/// Two batches completing the two routes of the same events at the same time: whichever
+/// commits last sees the other's rows, so every event ends SUCCESS (and neither batch
+/// fails on a deadlock).
+async fn concurrent_batches_on_the_same_events_both_count(f: &Fixture) {
+    let events: Vec<NewEvent> = (0..50)
+        .map(|n| NewEvent::new("payment.captured", "payment", format!("P{n}"), json!({})))
+        .collect();
+    let ids = f.store.append_batch(&events).await.expect("append");
+    f.store.fan_out(100, &router).await.expect("fan out");
+    let batch = claim(f, "alpha", 100).await;
+    let (mut ledger, mut audit): (Vec<_>, Vec<_>) =
+        batch.iter().partition(|claimed| claimed.route == "ledger");
+    // Opposite orders, the classic deadlock shape.
+    audit.reverse();
+    let to_completions = |claims: Vec<&store::ClaimedDelivery>| -> Vec<Completion> {
+        claims
+            .into_iter()
+            .map(|c| Completion::for_claim(c, "alpha", Outcome::delivered()))
+            .collect()
+    };
+    ledger.sort_by_key(|c| c.event.event_id);
+    let (ledger, audit) = (to_completions(ledger), to_completions(audit));
+    let (first, second) = tokio::join!(f.store.complete(&ledger), f.store.complete(&audit));
+    first.expect("ledger batch");
+    second.expect("audit batch");
+    for id in ids {
+        assert_eq!(status_of(f, id).await.0, EventStatus::Success, "event {id}");
+    }
+}
+
+/// Repeated producer keys inside one fan-out batch: the first event is delivered, the
+/// later ones are DUPLICATEs of it.
+async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
+    let events: Vec<NewEvent> = (0..6)
+        .map(|n| order(&format!("K{n}"), n).with_key(format!("key-{}", n % 2)))
+        .collect();
+    let ids = f.store.append_batch(&events).await.expect("append");
+    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    assert_eq!((report.routed, report.duplicates), (2, 4));
+    assert_eq!(status_of(f, ids[0]).await.0, EventStatus::Ready);
+    assert_eq!(status_of(f, ids[1]).await.0, EventStatus::Ready);
+    for (n, id) in ids.iter().enumerate().skip(2) {
+        let (status, reason) = status_of(f, *id).await;
+        assert_eq!(status, EventStatus::Duplicate);
+        let holder = ids[n % 2];
+        assert_eq!(
+            reason.as_deref(),
+            Some(
+                format!(
+                    "duplicate of event {holder} (idempotency_key 'key-{}')",
+                    n % 2
+                )
+                .as_str()
+            )
+        );
+    }
+}
+
 async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
     f.store.append(&order("A", 1)).await.expect("append");
     f.store.fan_out(10, &router).await.expect("fan out");
@@ -1034,4 +1159,7 @@ on_both_backends!(
     backlog_counts_ready_events_and_waiting_retries,
     instances_show_heartbeats_and_held_leases,
     migrate_is_idempotent_and_schema_checks_pass,
+    a_batch_of_mixed_outcomes_settles_each_event,
+    concurrent_batches_on_the_same_events_both_count,
+    repeated_keys_within_one_fan_out_batch,
 );

@@ -442,3 +442,126 @@ async fn a_completed_key_is_not_run_again_when_its_delivery_is_claimed_again() {
     assert_eq!(attempts[1].plugin_version, None, "no plugin ran");
     herald.finish().await;
 }
+
+/// Receipts of the delivered attempts of these events, in event order.
+async fn receipts(herald: &Herald, ids: &[i64]) -> Vec<String> {
+    let mut receipts = Vec::new();
+    for id in ids {
+        let attempts = herald.attempts(*id).await;
+        let delivered = attempts
+            .iter()
+            .find(|a| a.outcome == AttemptOutcome::Delivered)
+            .unwrap_or_else(|| panic!("event {id} was not delivered: {attempts:?}"));
+        receipts.push(delivered.detail.clone().unwrap_or_default());
+    }
+    receipts
+}
+
+async fn count_calls_of_100_events(events_per_instance: Option<u32>) -> Vec<u32> {
+    let setting = events_per_instance
+        .map(|n| format!("events_per_instance = {n}"))
+        .unwrap_or_default();
+    let herald = Herald::sqlite(&echo_route(
+        "counted",
+        "order.*",
+        &format!("{setting}\n[routes.config]\ncount_calls = \"yes\""),
+    ))
+    .await;
+    let mut ids = Vec::new();
+    // One claim of 100 over 32 slots: four events per task.
+    for n in 0..100 {
+        ids.push(herald.append(order(&format!("o-{n}"))).await);
+    }
+    herald.settle(LIMIT).await;
+    receipts(&herald, &ids)
+        .await
+        .iter()
+        .map(|receipt| {
+            receipt
+                .strip_prefix("calls:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("receipt {receipt}"))
+        })
+        .collect()
+}
+
+/// An instance serves several events in a row (what makes a call cheap), never more than
+/// the route allows; `events_per_instance = 1` gives every event a fresh instance, so
+/// nothing a plugin keeps in globals reaches the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_reused_up_to_the_route_setting() {
+    let reused = count_calls_of_100_events(None).await;
+    assert!(
+        reused.iter().any(|calls| *calls > 1),
+        "by default an instance serves more than one event: {reused:?}"
+    );
+    let capped = count_calls_of_100_events(Some(3)).await;
+    assert!(capped.iter().all(|calls| *calls <= 3), "{capped:?}");
+    assert!(capped.contains(&3), "{capped:?}");
+    let isolated = count_calls_of_100_events(Some(1)).await;
+    assert!(isolated.iter().all(|calls| *calls == 1), "{isolated:?}");
+}
+
+/// A panic in the middle of a batch fails only its own event, with the panic message in
+/// the attempts log; the events after it run in a fresh instance and are delivered, and
+/// each event's emits stay its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_mid_batch_fails_only_its_event_and_emits_stay_per_event() {
+    let herald = Herald::sqlite(&echo_route(
+        "echoes",
+        "order.*",
+        "[routes.retry]\nmax_attempts = 1\n[routes.config]\nemit_type = \"echo.order\"\ncount_calls = \"yes\"",
+    ))
+    .await;
+    // One claim of 100 over 32 slots: tasks of four events, 4..=7 in one of them.
+    let mut ids = Vec::new();
+    for n in 0..100 {
+        let data = if n == 5 {
+            json!({ "panic": "boom at five" })
+        } else {
+            json!({ "n": n })
+        };
+        ids.push(
+            herald
+                .append(NewEvent::new(
+                    "order.created",
+                    "order",
+                    format!("o-{n}"),
+                    data,
+                ))
+                .await,
+        );
+    }
+    herald.settle(LIMIT).await;
+    for (n, id) in ids.iter().enumerate() {
+        let detail = herald.detail(*id).await;
+        assert_eq!(detail.attempts.len(), 1, "event {n}: one attempt");
+        if n == 5 {
+            assert_eq!(detail.event.event_status, EventStatus::Dead);
+            let reason = detail.attempts[0].detail.clone().unwrap_or_default();
+            assert!(reason.contains("boom at five"), "{reason}");
+        } else {
+            assert_eq!(detail.event.event_status, EventStatus::Success, "event {n}");
+        }
+    }
+    let echoes = herald.events_of_type("echo.order").await;
+    assert_eq!(echoes.len(), 99, "one echo per delivered event");
+    let after = receipts(&herald, &ids[6..8]).await;
+    assert_eq!(
+        after,
+        ["calls:1", "calls:2"],
+        "the events after the panic ran in a fresh instance"
+    );
+    let mut echoed: Vec<i64> = echoes
+        .iter()
+        .map(|e| {
+            let data: serde_json::Value =
+                serde_json::from_str(e.event_data.as_deref().unwrap_or("null")).unwrap_or_default();
+            data["echo_of"].as_i64().unwrap_or_default()
+        })
+        .collect();
+    echoed.sort_unstable();
+    let mut expected: Vec<i64> = ids.iter().copied().filter(|id| *id != ids[5]).collect();
+    expected.sort_unstable();
+    assert_eq!(echoed, expected);
+}

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -28,7 +29,28 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
             )),
         )
         .nest("/api", api)
+        .layer(axum::middleware::from_fn(close_after_refused_body))
         .with_state(state)
+}
+
+/// A request refused before its body was read (no token, too big, bad name) leaves the
+/// rest of that body on the connection, so hyper closes it after answering. Saying so in
+/// the response keeps a keep-alive client from sending its next request into a socket
+/// that is about to close, which it would see as a broken connection, not our answer.
+async fn close_after_refused_body(request: Request, next: Next) -> Response {
+    let carries_body = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|length| length != "0")
+        || request.headers().contains_key(header::TRANSFER_ENCODING);
+    let mut response = next.run(request).await;
+    if carries_body && (response.status().is_client_error() || response.status().is_server_error())
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Ready when the store answers with a current schema and every route's plugin is in

@@ -93,6 +93,9 @@ plugins_dir = "plugins"
 # time_limit = "10s"                      # per attempt, HTTP calls included
 # memory_limit_mb = 64
 # http_timeout = "10s"                    # default time-out of one HTTP request
+# events_per_instance = 64                # events one plugin instance handles in a row;
+#                                         # 1: a fresh instance (no state kept in the
+#                                         # plugin's globals) for every event, slower
 #
 # [routes.retry]
 # max_attempts = 12                       # then the delivery is DEAD

@@ -117,6 +117,10 @@ pub struct RouteConfig {
     pub memory_limit_mb: u32,
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     pub http_timeout: Duration,
+    /// Events one plugin instance handles in a row; 1 gives each event a fresh instance
+    /// (nothing a plugin keeps in globals survives an event), at several times the cost.
+    #[serde(default = "default_events_per_instance")]
+    pub events_per_instance: u32,
     #[serde(default)]
     pub retry: RetryConfig,
     /// Handed to the plugin through `config.get`. Strings are passed as written, other
@@ -131,6 +135,10 @@ fn default_time_limit() -> Duration {
 
 fn default_memory_limit_mb() -> u32 {
     64
+}
+
+fn default_events_per_instance() -> u32 {
+    crate::runtime::CallLimits::default().events_per_instance
 }
 
 fn default_http_timeout() -> Duration {
@@ -179,6 +187,9 @@ impl RouteConfig {
             return Some(format!(
                 "{prefix}: memory_limit_mb must be between 1 and {MAX_MEMORY_LIMIT_MB}"
             ));
+        }
+        if self.events_per_instance == 0 {
+            return Some(format!("{prefix}: events_per_instance must be at least 1"));
         }
         if self.retry.max_attempts == 0 {
             return Some(format!("{prefix}: retry.max_attempts must be at least 1"));

@@ -5,24 +5,38 @@
 //! delivery of an entity on an ordered route, so every claimed delivery may run at once.
 
 mod outcome;
+mod recorder;
 mod retry;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
 pub use outcome::dead_notice;
 pub use retry::{RetryDecision, RetryPolicy};
 
+use recorder::Recorder;
+
 use crate::router::Router;
-use crate::runtime::{PluginRegistry, PluginRuntime, RouteGrant};
+use crate::runtime::{Event as PluginEvent, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::{
-    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, Outcome, StoreError,
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport, Outcome,
+    StoreError,
 };
+
+/// Most deliveries one task runs in a row (in one plugin instance, when the route lets an
+/// instance serve that many): enough to spread instantiation thin, few enough that a slow
+/// plugin does not hold a long queue of leases.
+const DELIVERIES_PER_TASK: usize = 16;
+
+/// How long a claim waits for more running tasks to finish once one has (see
+/// `gather_finished`). Short against a delivery's latency, long against a commit.
+const GATHER_WINDOW: Duration = Duration::from_millis(2);
 
 /// A configured route as dispatch needs it.
 pub struct Route {
@@ -139,6 +153,17 @@ pub struct Dispatcher {
     /// Deliveries this instance is running, whose leases the heartbeat renews.
     in_flight: Arc<Mutex<HashSet<i64>>>,
     wake: Arc<Notify>,
+    /// Fan-out created deliveries.
+    claimable: Notify,
+    /// Deliveries this instance fanned out less those it claimed since: an estimate of
+    /// what is waiting to be claimed. Signed, because a claim may take deliveries before
+    /// the fan-out that made them has counted them.
+    ahead: AtomicI64,
+    /// A claim started deliveries.
+    claimed: Notify,
+    /// A delivery task finished (its outcomes are recorded).
+    task_done: Arc<Notify>,
+    recorder: Recorder,
 }
 
 impl Dispatcher {
@@ -153,6 +178,7 @@ impl Dispatcher {
         // Before the first delivery, so no count is lost to the no-op recorder.
         crate::metrics::install();
         Dispatcher {
+            recorder: Recorder::start(store.clone()),
             store,
             table: RouteSwitch::new(table),
             plugins,
@@ -161,6 +187,10 @@ impl Dispatcher {
             slots,
             in_flight: Arc::default(),
             wake: Arc::new(Notify::new()),
+            claimable: Notify::new(),
+            ahead: AtomicI64::new(0),
+            claimed: Notify::new(),
+            task_done: Arc::new(Notify::new()),
         }
     }
 
@@ -176,61 +206,92 @@ impl Dispatcher {
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
+        let fanned = self.fan_out_once().await?;
+        let claimed = self.claim_and_start().await?;
+        Ok(PassReport {
+            fanned_out: fanned.events(),
+            claimed,
+        })
+    }
+
+    async fn fan_out_once(&self) -> Result<FanOutReport, StoreError> {
         let table = self.table.current();
-        let fanned = self
+        let report = self
             .store
             .fan_out(self.settings.batch_size, &|head| {
                 table.router.plans_for(head)
             })
             .await?;
-        crate::metrics::fanned_out(&fanned);
-        let free = self
-            .slots
-            .available_permits()
-            .min(self.settings.batch_size as usize);
-        if free == 0 {
-            return Ok(PassReport {
-                fanned_out: fanned.events(),
-                claimed: 0,
-            });
+        crate::metrics::fanned_out(&report);
+        if report.deliveries > 0 {
+            self.ahead
+                .fetch_add(count(report.deliveries), AtomicOrdering::Relaxed);
+            self.claimable.notify_one();
         }
+        Ok(report)
+    }
+
+    /// Claim as many deliveries as the free slots take and start them; returns how many.
+    async fn claim_and_start(&self) -> Result<usize, StoreError> {
+        let free = self.slots.available_permits();
+        if free == 0 {
+            return Ok(0);
+        }
+        let limit = (self.settings.batch_size as usize).min(free * DELIVERIES_PER_TASK);
         let claimed = self
             .store
             .claim(&ClaimRequest {
                 owner: self.settings.instance_id.clone(),
-                limit: free as u32,
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
                 lease: self.settings.lease,
             })
             .await?;
-        let report = PassReport {
-            fanned_out: fanned.events(),
-            claimed: claimed.len(),
-        };
-        for delivery in claimed {
-            crate::metrics::claimed(&delivery.route);
-            let Ok(permit) = self.slots.clone().acquire_owned().await else {
-                break;
-            };
-            let worker = self.worker();
-            let in_flight = InFlight::enter(&self.in_flight, delivery.delivery_id);
-            let span = tracing::info_span!(
-                "delivery",
-                event_id = delivery.event.event_id,
-                route = %delivery.route,
-                attempt = delivery.attempt,
-                plugin = tracing::field::Empty,
-                version = tracing::field::Empty,
-            );
-            tokio::spawn(
-                async move {
-                    worker.deliver(delivery).await;
-                    drop(in_flight);
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+        let started = claimed.len();
+        if started > 0 {
+            self.ahead
+                .fetch_sub(count(started), AtomicOrdering::Relaxed);
+        } else {
+            // Nothing is due: whatever fan-out counted is claimed or blocked behind
+            // running deliveries, and fan-out may go on.
+            self.ahead.store(0, AtomicOrdering::Relaxed);
         }
-        Ok(report)
+        self.claimed.notify_one();
+        // Spread the batch over the free slots; each task runs its share in one plugin
+        // instance after another, which is what makes a call cheap.
+        let per_task = claimed.len().div_ceil(free).max(1);
+        for (route, deliveries) in by_route(claimed) {
+            crate::metrics::claimed(&route, deliveries.len());
+            let mut deliveries = deliveries.into_iter().peekable();
+            while deliveries.peek().is_some() {
+                let share: Vec<ClaimedDelivery> = deliveries.by_ref().take(per_task).collect();
+                let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let worker = self.worker();
+                let task_done = self.task_done.clone();
+                let in_flight: Vec<InFlight> = share
+                    .iter()
+                    .map(|d| InFlight::enter(&self.in_flight, d.delivery_id))
+                    .collect();
+                let span = tracing::info_span!(
+                    "deliveries",
+                    route = %route,
+                    count = share.len(),
+                    plugin = tracing::field::Empty,
+                    version = tracing::field::Empty,
+                );
+                tokio::spawn(
+                    async move {
+                        worker.deliver(share).await;
+                        drop(in_flight);
+                        drop(permit);
+                        task_done.notify_one();
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        Ok(started)
     }
 
     /// Wait until every started delivery has finished.
@@ -245,23 +306,99 @@ impl Dispatcher {
     /// deliveries waiting for a later retry are left waiting. For the CLI and tests.
     pub async fn drain(&self) -> Result<(), StoreError> {
         loop {
-            let report = self.pass().await?;
-            if report.is_idle() {
+            let (fan_out_done, fan_out_finished) = watch::channel(false);
+            let fanning = async {
+                let result = self.fan_out_backlog().await;
+                let _ = fan_out_done.send(true);
+                result
+            };
+            // The first error ends both: a fan-out waiting for claims must not outlive them.
+            tokio::try_join!(fanning, self.claim_backlog(fan_out_finished))?;
+            // What the last completions unblocked or emitted: look once more.
+            self.wait_idle().await;
+            if self.pass().await?.is_idle() {
                 self.wait_idle().await;
-                if self.pass().await?.is_idle() {
-                    self.wait_idle().await;
-                    return Ok(());
-                }
-            } else if report.claimed == 0 {
-                tokio::task::yield_now().await;
+                return Ok(());
             }
+        }
+    }
+
+    /// Fan out until no new event is left.
+    async fn fan_out_backlog(&self) -> Result<(), StoreError> {
+        loop {
+            while self.run_ahead() {
+                self.claimed.notified().await;
+            }
+            if self.fan_out_once().await?.events() == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether fan-out is far enough ahead of the claims. Deliveries fanned out long
+    /// before they can be claimed only lengthen every claim's scan (and an entity's later
+    /// events cannot be claimed before its earlier ones anyway).
+    fn run_ahead(&self) -> bool {
+        self.ahead.load(AtomicOrdering::Relaxed) >= 2 * i64::from(self.settings.batch_size)
+    }
+
+    /// Forget what fan-out counted as unclaimed: other instances, or retries that are not
+    /// due yet, may hold it, and fan-out must not wait for claims that will not come.
+    fn forget_run_ahead(&self) {
+        self.ahead.store(0, AtomicOrdering::Relaxed);
+        self.claimed.notify_one();
+    }
+
+    /// Claim and start deliveries until none is due, nothing runs and fan-out is done.
+    async fn claim_backlog(
+        &self,
+        mut fan_out_done: watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        loop {
+            if self.claim_and_start().await? > 0 {
+                self.wait_for_room().await;
+                continue;
+            }
+            // (The empty claim has reset the run-ahead count, so a waiting fan-out goes on.)
+            let fanning = !*fan_out_done.borrow();
+            if !fanning && self.is_idle() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = self.claimable.notified() => {}
+                _ = self.task_done.notified() => self.gather_finished().await,
+                _ = fan_out_done.changed(), if fanning => {}
+            }
+        }
+    }
+
+    /// A task just finished: give the others a moment to finish too, so the next claim
+    /// takes the successors of many deliveries at once rather than one claim (one write
+    /// transaction) per finished task.
+    async fn gather_finished(&self) {
+        let _ = tokio::time::timeout(GATHER_WINDOW, self.wait_for_room()).await;
+    }
+
+    /// Whether no delivery is running.
+    fn is_idle(&self) -> bool {
+        self.slots.available_permits() >= self.settings.concurrency.max(1)
+    }
+
+    /// Wait until a quarter of the slots are free: claiming for one free slot at a time
+    /// would turn a backlog into many small claims, each a round trip.
+    async fn wait_for_room(&self) {
+        let room = u32::try_from(self.settings.concurrency / 4)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        if let Ok(permits) = self.slots.acquire_many(room).await {
+            drop(permits);
         }
     }
 
     /// Dispatch until `shutdown` turns true, then let in-flight deliveries finish. Wakes on
     /// the store's notifications when it has them, and polls regardless: a lost
     /// notification costs latency, never an event.
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) {
         if self.settings.listen {
             match self
                 .store
@@ -281,32 +418,69 @@ impl Dispatcher {
             self.in_flight.clone(),
             shutdown.clone(),
         ));
-        while !*shutdown.borrow() {
-            let idle = match self.pass().await {
-                Ok(report) => report.is_idle(),
-                Err(err) => {
-                    tracing::error!(%err, "dispatch pass failed; retrying after the poll interval");
-                    true
-                }
-            };
-            if idle {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = self.wake.notified() => {}
-                    _ = shutdown.changed() => {}
-                }
-            } else if self.slots.available_permits() == 0 {
-                // Every slot is busy: wait for one to free up, not for the poll interval.
-                tokio::select! {
-                    permit = self.slots.acquire() => drop(permit),
-                    _ = shutdown.changed() => {}
-                }
-            }
-        }
+        tokio::join!(
+            self.fan_out_loop(shutdown.clone()),
+            self.claim_loop(shutdown.clone())
+        );
         self.finish_in_flight().await;
         let _ = heartbeat.await;
         if let Err(err) = self.store.deregister(&self.settings.instance_id).await {
             tracing::warn!(%err, "could not deregister this instance");
+        }
+    }
+
+    /// Fan out while new events keep coming: at once again after a full batch (more is
+    /// waiting), else when woken (events inserted or emitted) or after the poll interval.
+    /// Runs beside the claim loop, so deliveries are ready before the claims ask for them.
+    async fn fan_out_loop(&self, mut shutdown: watch::Receiver<bool>) {
+        while running(&shutdown) {
+            if self.run_ahead() {
+                tokio::select! {
+                    _ = self.claimed.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => self.forget_run_ahead(),
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            match self.fan_out_once().await {
+                Ok(report) if report.events() >= self.settings.batch_size as usize => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::error!(%err, "fan-out failed; retrying after the poll interval")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Claim and start deliveries as slots free up. With nothing due it waits for new
+    /// deliveries, for a running one to finish (the next event of its entity may be due
+    /// then), or for the poll interval (retries come due on the store's clock).
+    async fn claim_loop(&self, mut shutdown: watch::Receiver<bool>) {
+        while running(&shutdown) {
+            match self.claim_and_start().await {
+                Ok(started) if started > 0 => {
+                    tokio::select! {
+                        _ = self.wait_for_room() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::error!(%err, "claiming failed; retrying after the poll interval")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = self.claimable.notified() => {}
+                _ = self.task_done.notified() => self.gather_finished().await,
+                _ = shutdown.changed() => {}
+            }
         }
     }
 
@@ -337,13 +511,24 @@ impl Dispatcher {
 
     fn worker(&self) -> Worker {
         Worker {
-            store: self.store.clone(),
+            recorder: self.recorder.clone(),
+            wake: self.wake.clone(),
             routes: self.table.current().routes.clone(),
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),
         }
     }
+}
+
+/// Whether the dispatcher should go on: not told to stop, and whoever could tell it still
+/// there (a dropped sender would otherwise make every wait on it return at once).
+fn running(shutdown: &watch::Receiver<bool>) -> bool {
+    !*shutdown.borrow() && shutdown.has_changed().is_ok()
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Marks a delivery as running on this instance for as long as it lives.
@@ -406,7 +591,10 @@ async fn heartbeat(
 
 /// Everything one delivery needs, owned so it can run on its own task.
 struct Worker {
-    store: Arc<dyn EventStore>,
+    recorder: Recorder,
+    /// Woken when an outcome committed new events (emits, dead notices), so they are
+    /// fanned out now rather than at the next poll.
+    wake: Arc<Notify>,
     routes: Arc<HashMap<String, Route>>,
     plugins: Arc<PluginRegistry>,
     runtime: Arc<PluginRuntime>,
@@ -414,103 +602,189 @@ struct Worker {
 }
 
 impl Worker {
-    async fn deliver(&self, delivery: ClaimedDelivery) {
-        let started_at = Utc::now();
-        let clock = Instant::now();
-        let (outcome, plugin_version) = self.decide(&delivery).await;
-        let duration = clock.elapsed();
-        // A route this instance does not configure has no plugin: an empty label.
-        let plugin = self
-            .routes
-            .get(&delivery.route)
-            .map_or("", |route| route.plugin.as_str());
-        let attempt_outcome = outcome.attempt_outcome();
-        crate::metrics::attempt_duration(&delivery.route, plugin, duration);
-        let host_events = match &outcome {
-            Outcome::Dead { reason } => dead_notice(&delivery, reason).into_iter().collect(),
-            _ => Vec::new(),
+    /// Run the deliveries (all of one route) and record their outcomes in one transaction.
+    async fn deliver(&self, deliveries: Vec<ClaimedDelivery>) {
+        let Some(first) = deliveries.first() else {
+            return;
         };
-        tracing::debug!(outcome = ?outcome.attempt_outcome(), detail = ?outcome.detail(), "attempt finished");
-        let completion = Completion {
-            delivery_id: delivery.delivery_id,
-            owner: self.owner.clone(),
-            attempt: delivery.attempt,
-            outcome,
-            plugin_version,
-            started_at,
-            duration,
-            host_events,
-        };
-        match self.store.complete(&[completion]).await {
-            Ok(results) if results.first() == Some(&CompletionResult::LeaseLost) => {
-                tracing::warn!("lease lost before the outcome was recorded; another instance owns the delivery now");
-                crate::metrics::outcome_lost(
-                    &delivery.route,
-                    crate::metrics::LostOutcome::LeaseLost,
-                );
+        let route = self.routes.get(&first.route);
+        let plugin_name = route.map_or("", |route| route.plugin.as_str());
+        let decided = self.decide(route, &deliveries).await;
+        let mut completions = Vec::with_capacity(deliveries.len());
+        for (delivery, decided) in deliveries.iter().zip(decided) {
+            let Decided {
+                outcome,
+                plugin_version,
+                started_at,
+                duration,
+            } = decided;
+            crate::metrics::attempt_duration(&delivery.route, plugin_name, duration);
+            let host_events = match &outcome {
+                Outcome::Dead { reason } => dead_notice(delivery, reason).into_iter().collect(),
+                _ => Vec::new(),
+            };
+            tracing::debug!(
+                event_id = delivery.event.event_id,
+                attempt = delivery.attempt,
+                outcome = ?outcome.attempt_outcome(),
+                detail = ?outcome.detail(),
+                "attempt finished"
+            );
+            completions.push(Completion {
+                delivery_id: delivery.delivery_id,
+                owner: self.owner.clone(),
+                attempt: delivery.attempt,
+                outcome,
+                plugin_version,
+                started_at,
+                duration,
+                host_events,
+            });
+        }
+        let outcomes: Vec<_> = completions
+            .iter()
+            .map(|c| c.outcome.attempt_outcome())
+            .collect();
+        let adds_events = completions
+            .iter()
+            .any(|c| !c.outcome.emitted().is_empty() || !c.host_events.is_empty());
+        let done = self.recorder.record(completions).await;
+        if adds_events && done.is_ok() {
+            self.wake.notify_one();
+        }
+        match done {
+            Ok(results) => {
+                for ((delivery, result), outcome) in deliveries.iter().zip(results).zip(outcomes) {
+                    if result == CompletionResult::LeaseLost {
+                        tracing::warn!(
+                            event_id = delivery.event.event_id,
+                            route = %delivery.route,
+                            "lease lost before the outcome was recorded; another instance owns the delivery now"
+                        );
+                        crate::metrics::outcome_lost(
+                            &delivery.route,
+                            crate::metrics::LostOutcome::LeaseLost,
+                        );
+                    } else {
+                        crate::metrics::attempt_recorded(
+                            &delivery.route,
+                            plugin_name,
+                            outcome,
+                            delivery.event.created_at,
+                        );
+                    }
+                }
             }
-            Ok(_) => crate::metrics::attempt_recorded(
-                &delivery.route,
-                plugin,
-                attempt_outcome,
-                delivery.event.created_at,
-            ),
-            // The lease runs out and the delivery is claimed again: at least once, and the
-            // sink dedups on the idempotency key.
+            // The leases run out and the deliveries are claimed again: at least once, and
+            // the sink dedups on the idempotency key.
             Err(err) => {
-                tracing::error!(%err, "could not record the outcome; the delivery will run again");
-                crate::metrics::outcome_lost(
-                    &delivery.route,
-                    crate::metrics::LostOutcome::StoreError,
-                );
+                tracing::error!(%err, count = deliveries.len(), "could not record the outcomes; the deliveries will run again");
+                for delivery in &deliveries {
+                    crate::metrics::outcome_lost(
+                        &delivery.route,
+                        crate::metrics::LostOutcome::StoreError,
+                    );
+                }
             }
         }
     }
 
-    async fn decide(&self, delivery: &ClaimedDelivery) -> (Outcome, Option<String>) {
-        let Some(route) = self.routes.get(&delivery.route) else {
-            return (
-                Outcome::Retry {
-                    after: Duration::from_secs(60),
-                    reason: format!(
-                        "route '{}' is not configured on this instance",
-                        delivery.route
-                    ),
-                },
-                None,
-            );
+    /// One outcome per delivery, in order.
+    async fn decide(&self, route: Option<&Route>, deliveries: &[ClaimedDelivery]) -> Vec<Decided> {
+        let not_run = |outcome: Outcome| Decided {
+            outcome,
+            plugin_version: None,
+            started_at: Utc::now(),
+            duration: Duration::ZERO,
         };
-        if let Some(done) = &delivery.already_completed {
-            return (
-                Outcome::Delivered {
-                    receipt: Some(format!(
-                        "not run again: key '{}' completed at {} (idempotency ledger)",
-                        done.idempotency_key, done.completed_at
-                    )),
-                    emitted: Vec::new(),
-                },
-                None,
-            );
-        }
+        let Some(route) = route else {
+            return deliveries
+                .iter()
+                .map(|delivery| {
+                    not_run(Outcome::Retry {
+                        after: Duration::from_secs(60),
+                        reason: format!(
+                            "route '{}' is not configured on this instance",
+                            delivery.route
+                        ),
+                    })
+                })
+                .collect();
+        };
         let Some(plugin) = self.plugins.get(&route.plugin) else {
-            return (
-                route_failure(
-                    route,
-                    delivery,
-                    format!("plugin '{}' is not loaded", route.plugin),
-                    None,
-                ),
-                None,
-            );
+            let reason = format!("plugin '{}' is not loaded", route.plugin);
+            return deliveries
+                .iter()
+                .map(|delivery| not_run(route_failure(route, delivery, reason.clone(), None)))
+                .collect();
         };
         let span = tracing::Span::current();
         span.record("plugin", plugin.name.as_str());
         span.record("version", plugin.short_version());
-        let event = outcome::plugin_event(delivery);
-        let report = self.runtime.call(&plugin, route.grant.clone(), event).await;
-        let outcome = outcome::store_outcome(route, delivery, report);
-        (outcome, Some(plugin.version.clone()))
+        // Keys the ledger already holds are not run again.
+        let to_run: Vec<PluginEvent> = deliveries
+            .iter()
+            .filter(|delivery| delivery.already_completed.is_none())
+            .map(outcome::plugin_event)
+            .collect();
+        let mut reports = self
+            .runtime
+            .call_batch(&plugin, route.grant.clone(), to_run)
+            .await
+            .into_iter();
+        deliveries
+            .iter()
+            .map(|delivery| {
+                if let Some(done) = &delivery.already_completed {
+                    return not_run(Outcome::Delivered {
+                        receipt: Some(format!(
+                            "not run again: key '{}' completed at {} (idempotency ledger)",
+                            done.idempotency_key, done.completed_at
+                        )),
+                        emitted: Vec::new(),
+                    });
+                }
+                match reports.next() {
+                    Some(report) => Decided {
+                        started_at: report.started_at,
+                        duration: report.duration,
+                        outcome: outcome::store_outcome(route, delivery, report),
+                        plugin_version: Some(plugin.version.clone()),
+                    },
+                    None => not_run(route_failure(
+                        route,
+                        delivery,
+                        "the plugin runtime returned no report".into(),
+                        None,
+                    )),
+                }
+            })
+            .collect()
     }
+}
+
+/// What became of one delivery, with the plugin version that decided it (none when no
+/// plugin ran) and when and for how long it ran.
+struct Decided {
+    outcome: Outcome,
+    plugin_version: Option<String>,
+    started_at: DateTime<Utc>,
+    duration: Duration,
+}
+
+/// Claimed deliveries grouped by route, each group in claim order.
+fn by_route(claimed: Vec<ClaimedDelivery>) -> Vec<(String, Vec<ClaimedDelivery>)> {
+    let mut groups: Vec<(String, Vec<ClaimedDelivery>)> = Vec::new();
+    for delivery in claimed {
+        match groups
+            .iter_mut()
+            .find(|(route, _)| *route == delivery.route)
+        {
+            Some((_, group)) => group.push(delivery),
+            None => groups.push((delivery.route.clone(), vec![delivery])),
+        }
+    }
+    groups
 }
 
 /// A failed attempt under the route's retry policy: retry later or give up.

@@ -1,7 +1,9 @@
 //! The state behind one plugin call and the capabilities it is granted.
 //!
-//! A fresh `HostState` is built for every call, so nothing a plugin does in one call is
-//! visible in the next. WASI is linked (a Rust `wasm32-wasip2` component imports it) but
+//! A `HostState` lives as long as one plugin instance. An instance may serve several
+//! events in a row (the route's `events_per_instance`); everything the host keeps per
+//! event is reset between them (`begin_event`), so no event sees another's emits, logs or
+//! stderr. WASI is linked (a Rust `wasm32-wasip2` component imports it) but
 //! its context grants nothing: no preopened directories, no environment, no arguments,
 //! no sockets, stdin closed, stdout discarded; stderr is kept (capped) so a panic message
 //! reaches the attempts log.
@@ -39,6 +41,8 @@ pub struct HostState {
     grant: Arc<RouteGrant>,
     event_id: i64,
     pub(super) stderr: MemoryOutputPipe,
+    /// Where the current event's stderr begins in `stderr`.
+    stderr_start: usize,
     pub(super) emitted: Vec<NewEvent>,
     log_bytes: usize,
     log_truncated: bool,
@@ -62,6 +66,7 @@ impl HostState {
             grant,
             event_id,
             stderr,
+            stderr_start: 0,
             emitted: Vec::new(),
             log_bytes: 0,
             log_truncated: false,
@@ -69,10 +74,30 @@ impl HostState {
         }
     }
 
-    /// The plugin's stderr, for the attempts log: the last lines, where a panic message is.
+    /// Start the next event on the same instance: what the host keeps per event (emits,
+    /// log budget, the event id in log lines, stderr) starts empty again, so nothing of
+    /// one event's call reaches the next one's report.
+    pub(super) fn begin_event(&mut self, event_id: i64) {
+        self.event_id = event_id;
+        self.emitted.clear();
+        self.log_bytes = 0;
+        self.log_truncated = false;
+        self.memory_refused = None;
+        self.stderr_start = self.stderr.contents().len();
+    }
+
+    /// Whether the stderr buffer is past half full: the instance is then retired before
+    /// a chatty plugin fills it and its writes start to fail.
+    pub(super) fn stderr_filling(&self) -> bool {
+        self.stderr.contents().len() > STDERR_CAPACITY / 2
+    }
+
+    /// The plugin's stderr during the current event, for the attempts log: the last lines,
+    /// where a panic message is.
     pub(super) fn stderr_tail(&self, max: usize) -> Option<String> {
         let bytes = self.stderr.contents();
-        let text = String::from_utf8_lossy(&bytes);
+        let bytes = bytes.get(self.stderr_start..).unwrap_or_default();
+        let text = String::from_utf8_lossy(bytes);
         let text = text.trim();
         if text.is_empty() {
             return None;

@@ -1,5 +1,6 @@
 //! Runs plugins: one wasmtime engine, plugins compiled once and pre-linked
-//! (`InstancePre`), a fresh instance and store per call, with the route's limits.
+//! (`InstancePre`), instances made fresh per batch of events (at most the route's
+//! `events_per_instance` each), with the route's limits.
 
 mod bindings;
 mod cache;
@@ -14,8 +15,9 @@ pub mod versions;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap};
 
@@ -51,6 +53,10 @@ pub enum PluginFault {
 pub struct CallReport {
     pub outcome: Result<Outcome, PluginFault>,
     pub emitted: Vec<NewEvent>,
+    /// When this event's call started, and how long it took (an instantiation it
+    /// needed included).
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,9 +178,7 @@ impl PluginRuntime {
         let time_limit = grant.limits.time;
         let mut store = Store::new(&self.engine, HostState::new(grant, event_id));
         store.limiter(|state| state);
-        let tick = self.settings.epoch_tick.as_nanos().max(1);
-        let ticks = time_limit.as_nanos().div_ceil(tick);
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).max(1));
+        self.arm_time_limit(&mut store, time_limit);
         store.epoch_deadline_trap();
         store
     }
@@ -186,31 +190,114 @@ impl PluginRuntime {
         grant: Arc<RouteGrant>,
         event: Event,
     ) -> CallReport {
-        let limits = grant.limits.clone();
-        let mut store = self.new_store(grant.clone(), event.id);
-        let run = async {
-            let instance = plugin
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|err| Err(PluginFault::Instantiate(plugin::first_line(&err))))?;
-            instance.call_handle(&mut store, &event).await.map_err(Ok)
-        };
-        // Epochs stop a plugin that computes; this stops one parked in a host call.
-        let grace = self.settings.epoch_tick * 10;
-        let result = tokio::time::timeout(limits.time + grace, run).await;
-        let outcome = match result {
-            Err(_) => Err(PluginFault::TimeLimit(limits.time)),
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(Err(fault))) => Err(fault),
-            Ok(Err(Ok(err))) => Err(classify(&err, store.data(), &limits)),
-        };
-        if let Err(fault) = &outcome {
-            crate::metrics::plugin_fault(&grant.route, &plugin.name, fault);
-        }
-        let emitted = std::mem::take(&mut store.data_mut().emitted);
-        CallReport { outcome, emitted }
+        let mut reports = self.call_batch(plugin, grant, vec![event]).await;
+        reports.pop().unwrap_or_else(|| CallReport {
+            outcome: Err(PluginFault::Instantiate("no report for the call".into())),
+            emitted: Vec::new(),
+            started_at: Utc::now(),
+            duration: Duration::ZERO,
+        })
     }
+
+    /// Run `handle` for each event in turn, one report per event in input order. An
+    /// instance serves up to the grant's `events_per_instance` events; it is replaced
+    /// after any fault (a trapped instance cannot be entered again) and when its stderr
+    /// fills up. Each call has the full time limit; memory is the instance's.
+    pub async fn call_batch(
+        &self,
+        plugin: &LoadedPlugin,
+        grant: Arc<RouteGrant>,
+        events: Vec<Event>,
+    ) -> Vec<CallReport> {
+        let limits = grant.limits.clone();
+        let per_instance = limits.events_per_instance.max(1);
+        // Epochs stop a plugin that computes; the timeout stops one parked in a host call.
+        let grace = self.settings.epoch_tick * 10;
+        let mut reports = Vec::with_capacity(events.len());
+        let mut live: Option<LiveInstance> = None;
+        for event in events {
+            let started_at = Utc::now();
+            let clock = Instant::now();
+            if live
+                .as_ref()
+                .is_some_and(|l| l.served >= per_instance || l.store.data().stderr_filling())
+            {
+                live = None;
+            }
+            let current = match live.as_mut() {
+                Some(current) => current,
+                None => match self.instantiate(plugin, grant.clone(), event.id).await {
+                    Ok(fresh) => live.insert(fresh),
+                    Err(fault) => {
+                        crate::metrics::plugin_fault(&grant.route, &plugin.name, &fault);
+                        reports.push(CallReport {
+                            outcome: Err(fault),
+                            emitted: Vec::new(),
+                            started_at,
+                            duration: clock.elapsed(),
+                        });
+                        continue;
+                    }
+                },
+            };
+            current.store.data_mut().begin_event(event.id);
+            self.arm_time_limit(&mut current.store, limits.time);
+            let call = current.instance.call_handle(&mut current.store, &event);
+            let outcome = match tokio::time::timeout(limits.time + grace, call).await {
+                Err(_) => Err(PluginFault::TimeLimit(limits.time)),
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(err)) => Err(classify(&err, current.store.data(), &limits)),
+            };
+            current.served += 1;
+            let emitted = std::mem::take(&mut current.store.data_mut().emitted);
+            if let Err(fault) = &outcome {
+                crate::metrics::plugin_fault(&grant.route, &plugin.name, fault);
+                live = None;
+            }
+            reports.push(CallReport {
+                outcome,
+                emitted,
+                started_at,
+                duration: clock.elapsed(),
+            });
+        }
+        reports
+    }
+
+    async fn instantiate(
+        &self,
+        plugin: &LoadedPlugin,
+        grant: Arc<RouteGrant>,
+        event_id: i64,
+    ) -> Result<LiveInstance, PluginFault> {
+        let time = grant.limits.time;
+        let mut store = self.new_store(grant, event_id);
+        let instantiating = plugin.pre.instantiate_async(&mut store);
+        match tokio::time::timeout(time, instantiating).await {
+            Ok(Ok(instance)) => Ok(LiveInstance {
+                store,
+                instance,
+                served: 0,
+            }),
+            Ok(Err(err)) => Err(PluginFault::Instantiate(plugin::first_line(&err))),
+            Err(_) => Err(PluginFault::Instantiate(format!(
+                "instantiation took longer than {time:?}"
+            ))),
+        }
+    }
+
+    fn arm_time_limit(&self, store: &mut Store<HostState>, limit: Duration) {
+        let tick = self.settings.epoch_tick.as_nanos().max(1);
+        let ticks = limit.as_nanos().div_ceil(tick);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).max(1));
+    }
+}
+
+/// An instance and its store, serving events of one batch in turn.
+struct LiveInstance {
+    store: Store<HostState>,
+    instance: bindings::Plugin,
+    served: u32,
 }
 
 fn classify(err: &wasmtime::Error, state: &HostState, limits: &CallLimits) -> PluginFault {

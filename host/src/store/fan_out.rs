@@ -61,11 +61,12 @@ impl Candidate {
     }
 }
 
+/// One delivery of an event: its status, route and last error.
+pub(crate) type RouteState = (super::DeliveryStatus, String, Option<String>);
+
 /// The event's status and reason after its deliveries changed: the reason names the
 /// route whose state decided the status.
-pub(crate) fn settle_from_deliveries(
-    deliveries: &[(super::DeliveryStatus, String, Option<String>)],
-) -> (EventStatus, Option<String>) {
+pub(crate) fn settle_from_deliveries(deliveries: &[RouteState]) -> (EventStatus, Option<String>) {
     use super::DeliveryStatus;
     let statuses: Vec<DeliveryStatus> = deliveries.iter().map(|(s, _, _)| *s).collect();
     let status = super::event_status_from_deliveries(&statuses);

@@ -3,6 +3,7 @@
 //! One trait, two backends (SQLite, the embedded default; Postgres, for production and for
 //! several instances). Both implement the same semantics and run the same test suite.
 
+mod batch;
 mod error;
 mod fan_out;
 mod filters;

@@ -5,6 +5,7 @@
 //! fanned out an entity's events in parallel, the later event's deliveries could commit
 //! first and be claimed before the earlier event's exist, breaking per-entity order.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -15,16 +16,15 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Notify;
 
+use super::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
-use super::fan_out::{settle_from_deliveries, Candidate, Disposition};
+use super::fan_out::Candidate;
 use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
-use super::sqlite::duration_us;
 use super::{
-    delivery_key, redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion,
-    CompletionResult, Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter,
-    EventHead, EventStatus, EventStore, FanOutReport, Instance, NewEvent, Outcome,
-    RedriveSelection, Router, StoreError, StoreResult,
+    redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
+    Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance,
+    NewEvent, RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -114,44 +114,310 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
     .doing("appending an event")
 }
 
-async fn settle_event(
+/// Take the next new events, oldest first, and mark them fanned out (in the caller's
+/// transaction, so a failed pass leaves them new). Only while holding the fan-out lock:
+/// when another instance holds it, nothing is taken (its pass covers these events). The
+/// lock is taken in the same statement, which saves a round trip on every pass.
+async fn take_candidates(conn: &mut PgConnection, limit: u32) -> StoreResult<Vec<Candidate>> {
+    let rows = sqlx::query(
+        "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held) \
+         UPDATE events e SET fanned_out = TRUE FROM (\
+           SELECT event_id FROM events, turn \
+           WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
+           ORDER BY event_id LIMIT $1) AS new \
+         WHERE e.event_id = new.event_id \
+         RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
+           e.event_data::text AS event_data, e.idempotency_key",
+    )
+    .bind(i64::from(limit))
+    .bind(FAN_OUT_LOCK)
+    .fetch_all(conn)
+    .await
+    .doing("reading new events")?;
+    let mut candidates = rows
+        .iter()
+        .map(rows::candidate)
+        .collect::<StoreResult<Vec<_>>>()?;
+    candidates.sort_by_key(|c| c.head.event_id);
+    Ok(candidates)
+}
+
+/// For each candidate with a producer key, the earliest other event holding that key:
+/// an earlier event, or a later one that an earlier pass already handled (its
+/// transaction committed first). Either way the candidate repeats it. (This pass has
+/// marked its own candidates fanned out already; among them only the id order counts.)
+async fn key_holders(
     conn: &mut PgConnection,
-    event_id: i64,
-    status: EventStatus,
-    reason: Option<&str>,
-) -> StoreResult<()> {
-    sqlx::query("UPDATE events SET event_status = $1, status_reason = $2 WHERE event_id = $3")
-        .bind(status.as_str())
-        .bind(reason)
-        .bind(event_id)
-        .execute(conn)
-        .await
-        .doing("updating an event's status")?;
+    candidates: &[Candidate],
+) -> StoreResult<HashMap<i64, i64>> {
+    let (ids, keys): (Vec<i64>, Vec<&str>) = candidates
+        .iter()
+        .filter_map(|c| Some((c.head.event_id, c.idempotency_key.as_deref()?)))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let holders: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT c.id, (SELECT o.event_id FROM events o WHERE o.idempotency_key = c.key \
+           AND o.event_id <> c.id AND o.event_status <> 'DUPLICATE' \
+           AND (o.event_id < c.id OR o.event_status <> 'READY' \
+             OR (o.fanned_out AND o.event_id <> ALL($1))) \
+           ORDER BY o.event_id LIMIT 1) \
+         FROM UNNEST($1::bigint[], $2::text[]) AS c(id, key)",
+    )
+    .bind(&ids)
+    .bind(&keys)
+    .fetch_all(conn)
+    .await
+    .doing("checking idempotency keys")?;
+    Ok(holders
+        .into_iter()
+        .filter_map(|(id, holder)| Some((id, holder?)))
+        .collect())
+}
+
+async fn insert_deliveries(conn: &mut PgConnection, deliveries: &[NewDelivery]) -> StoreResult<()> {
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&NewDelivery) -> &str| deliveries.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+         idempotency_key) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+           $6::text[])",
+    )
+    .bind(deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>())
+    .bind(column(|d| &d.route))
+    .bind(column(|d| &d.entity_type))
+    .bind(column(|d| &d.entity_id))
+    .bind(deliveries.iter().map(|d| d.ordered).collect::<Vec<_>>())
+    .bind(column(|d| &d.idempotency_key))
+    .execute(conn)
+    .await
+    .doing("creating deliveries")?;
     Ok(())
 }
 
-/// Recompute an event's status from its deliveries, inside the caller's transaction.
-async fn resettle_event(conn: &mut PgConnection, event_id: i64) -> StoreResult<()> {
-    let rows = sqlx::query(
-        "SELECT status, route, last_error FROM herald_deliveries WHERE event_id = $1 \
-         ORDER BY delivery_id",
+async fn apply_settlements(conn: &mut PgConnection, settlements: &[Settlement]) -> StoreResult<()> {
+    if settlements.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE events e SET event_status = u.status, status_reason = u.reason \
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, status, reason) \
+         WHERE e.event_id = u.id",
     )
-    .bind(event_id)
+    .bind(settlements.iter().map(|s| s.event_id).collect::<Vec<_>>())
+    .bind(
+        settlements
+            .iter()
+            .map(|s| s.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|s| s.reason.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await
+    .doing("updating events' status")?;
+    Ok(())
+}
+
+/// Recompute the events' status from their deliveries, inside the caller's transaction.
+/// The event rows are locked first, in id order: two transactions completing different
+/// routes of the same events then neither deadlock nor decide from each other's stale
+/// rows (the second reads after the first commits).
+async fn resettle_events(conn: &mut PgConnection, mut event_ids: Vec<i64>) -> StoreResult<()> {
+    event_ids.sort_unstable();
+    event_ids.dedup();
+    if event_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT 1 FROM events WHERE event_id = ANY($1) ORDER BY event_id FOR UPDATE")
+        .bind(&event_ids)
+        .execute(&mut *conn)
+        .await
+        .doing("locking events to settle")?;
+    let rows = sqlx::query(
+        "SELECT event_id, status, route, last_error FROM herald_deliveries \
+         WHERE event_id = ANY($1) ORDER BY event_id, delivery_id",
+    )
+    .bind(&event_ids)
     .fetch_all(&mut *conn)
     .await
-    .doing("reading an event's deliveries")?;
-    let deliveries = rows
+    .doing("reading events' deliveries")?;
+    let states = rows
         .iter()
-        .map(|row| {
-            Ok((
-                row.parsed::<DeliveryStatus>("status")?,
-                row.text("route")?,
-                row.opt_text("last_error")?,
-            ))
-        })
+        .map(rows::delivery_state)
         .collect::<StoreResult<Vec<_>>>()?;
-    let (status, reason) = settle_from_deliveries(&deliveries);
-    settle_event(conn, event_id, status, reason.as_deref()).await
+    apply_settlements(conn, &batch::resettle(states)).await
+}
+
+/// Lock these deliveries in id order. Every statement that updates many deliveries by id
+/// (closing outcomes, renewing and releasing leases) takes its row locks in this order, so
+/// two of them never wait for each other in a cycle (Postgres would abort one as a
+/// deadlock, and the outcomes it carried would run again).
+async fn lock_deliveries(conn: &mut PgConnection, ids: &[i64]) -> StoreResult<()> {
+    sqlx::query(
+        "SELECT 1 FROM herald_deliveries WHERE delivery_id = ANY($1) \
+         ORDER BY delivery_id FOR UPDATE",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await
+    .doing("locking deliveries")?;
+    Ok(())
+}
+
+/// Close the deliveries whose lease still holds; returns what each matched one is.
+async fn close_deliveries(
+    conn: &mut PgConnection,
+    completions: &[Completion],
+) -> StoreResult<Vec<Recorded>> {
+    let updates: Vec<DeliveryUpdate> = completions.iter().map(DeliveryUpdate::of).collect();
+    let ids: Vec<i64> = completions.iter().map(|c| c.delivery_id).collect();
+    lock_deliveries(&mut *conn, &ids).await?;
+    let rows = sqlx::query(
+        "UPDATE herald_deliveries d SET status = u.status, \
+         next_attempt_at = CASE WHEN u.status = 'RETRY' \
+           THEN now() + make_interval(secs => u.retry_secs) ELSE d.next_attempt_at END, \
+         locked_by = NULL, locked_until = NULL, last_error = u.error, updated_at = now() \
+         FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[], \
+           $6::text[]) AS u(id, owner, attempt, status, retry_secs, error) \
+         WHERE d.delivery_id = u.id AND d.locked_by = u.owner AND d.attempts = u.attempt \
+           AND d.status IN ('PENDING', 'RETRY') \
+         RETURNING d.delivery_id, d.event_id, d.route, d.idempotency_key",
+    )
+    .bind(&ids)
+    .bind(
+        completions
+            .iter()
+            .map(|c| c.owner.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(completions.iter().map(|c| c.attempt).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.retry_after.as_secs_f64())
+            .collect::<Vec<_>>(),
+    )
+    .bind(updates.iter().map(|u| u.error).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await
+    .doing("recording delivery outcomes")?;
+    rows.iter().map(rows::recorded).collect()
+}
+
+/// The attempts log and the idempotency ledger for the completions that held.
+async fn log_attempts(
+    conn: &mut PgConnection,
+    matched: &[(&Completion, &Recorded)],
+) -> StoreResult<()> {
+    if matched.is_empty() {
+        return Ok(());
+    }
+    let outcome = |c: &Completion| c.outcome.attempt_outcome().as_str();
+    sqlx::query(
+        "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+         detail, plugin_version, instance, started_at, duration_us) \
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::text[], \
+           $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])",
+    )
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| c.delivery_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(matched.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
+    .bind(
+        matched
+            .iter()
+            .map(|(_, r)| r.route.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(matched.iter().map(|(c, _)| c.attempt).collect::<Vec<_>>())
+    .bind(matched.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| c.outcome.detail())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| c.plugin_version.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| c.owner.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| c.started_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        matched
+            .iter()
+            .map(|(c, _)| batch::duration_us(c.duration))
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await
+    .doing("writing the attempts log")?;
+    let keyed: Vec<&(&Completion, &Recorded)> = matched
+        .iter()
+        .filter(|(c, _)| c.outcome.completes_key())
+        .collect();
+    if keyed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(
+        keyed
+            .iter()
+            .map(|(_, r)| r.route.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keyed
+            .iter()
+            .map(|(_, r)| r.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(keyed.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
+    .bind(keyed.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
+    .bind(
+        keyed
+            .iter()
+            .map(|(c, _)| c.outcome.detail())
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await
+    .doing("recording idempotency keys")?;
+    Ok(())
 }
 
 #[async_trait]
@@ -199,94 +465,16 @@ impl EventStore for PostgresStore {
 
     async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
         let mut tx = self.pool.begin().await.doing("starting fan-out")?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(FAN_OUT_LOCK)
-            .fetch_one(&mut *tx)
-            .await
-            .doing("taking the fan-out lock")?;
-        if !locked {
-            // Another instance is fanning out right now; its pass covers these events.
+        let candidates = take_candidates(&mut tx, limit).await?;
+        if candidates.is_empty() {
             return Ok(FanOutReport::default());
         }
-        let rows = sqlx::query(
-            "SELECT event_id, event_type, event_target, entity_type, entity_id, \
-             event_data::text AS event_data, idempotency_key FROM events e \
-             WHERE event_status = 'READY' AND NOT EXISTS \
-             (SELECT 1 FROM herald_deliveries d WHERE d.event_id = e.event_id) \
-             ORDER BY event_id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .doing("reading new events")?;
-        let mut report = FanOutReport::default();
-        for row in &rows {
-            let candidate = Candidate {
-                head: EventHead {
-                    event_id: row.int("event_id")?,
-                    event_type: row.text("event_type")?,
-                    event_target: row.opt_text("event_target")?,
-                    entity_type: row.text("entity_type")?,
-                    entity_id: row.text("entity_id")?,
-                },
-                event_data: row.opt_text("event_data")?,
-                idempotency_key: row.opt_text("idempotency_key")?,
-            };
-            let event_id = candidate.head.event_id;
-            let key_holder: Option<i64> = match &candidate.idempotency_key {
-                None => None,
-                // An earlier event with the key, or a later one that was already handled
-                // (its transaction committed first): either way this one repeats it.
-                Some(key) => sqlx::query_scalar(
-                    "SELECT event_id FROM events o WHERE idempotency_key = $1 \
-                     AND event_id <> $2 AND event_status <> 'DUPLICATE' \
-                     AND (event_id < $2 OR event_status <> 'READY' OR EXISTS \
-                     (SELECT 1 FROM herald_deliveries d WHERE d.event_id = o.event_id)) \
-                     ORDER BY event_id LIMIT 1",
-                )
-                .bind(key)
-                .bind(event_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("checking an idempotency key")?,
-            };
-            match candidate.decide(key_holder, router) {
-                Disposition::Settle { status, reason } => {
-                    match status {
-                        EventStatus::Duplicate => report.duplicates += 1,
-                        EventStatus::Skipped => report.skipped += 1,
-                        _ => report.malformed += 1,
-                    }
-                    settle_event(&mut tx, event_id, status, Some(&reason)).await?;
-                }
-                Disposition::Deliver(routes) => {
-                    report.routed += 1;
-                    report.deliveries += routes.len();
-                    for plan in routes {
-                        let key = delivery_key(
-                            candidate.idempotency_key.as_deref(),
-                            event_id,
-                            &plan.route,
-                        );
-                        sqlx::query(
-                            "INSERT INTO herald_deliveries (event_id, route, entity_type, \
-                             entity_id, ordered, idempotency_key) VALUES ($1, $2, $3, $4, $5, $6)",
-                        )
-                        .bind(event_id)
-                        .bind(&plan.route)
-                        .bind(&candidate.head.entity_type)
-                        .bind(&candidate.head.entity_id)
-                        .bind(plan.ordered)
-                        .bind(key)
-                        .execute(&mut *tx)
-                        .await
-                        .doing("creating deliveries")?;
-                    }
-                }
-            }
-        }
+        let holders = key_holders(&mut tx, &candidates).await?;
+        let plan = batch::plan_fan_out(candidates, &holders, router);
+        insert_deliveries(&mut tx, &plan.deliveries).await?;
+        apply_settlements(&mut tx, &plan.settlements).await?;
         tx.commit().await.doing("committing fan-out")?;
-        Ok(report)
+        Ok(plan.report)
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
@@ -334,84 +522,26 @@ impl EventStore for PostgresStore {
             .begin()
             .await
             .doing("starting to record outcomes")?;
+        let recorded = close_deliveries(&mut tx, completions).await?;
+        let matched = batch::matched(completions, &recorded);
+        log_attempts(&mut tx, &matched).await?;
+        let held: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
         let mut results = Vec::with_capacity(completions.len());
         for completion in completions {
-            let outcome = &completion.outcome;
-            let retry_after = match outcome {
-                Outcome::Retry { after, .. } => *after,
-                _ => Duration::ZERO,
-            };
-            let failure = match outcome {
-                Outcome::Retry { reason, .. } | Outcome::Dead { reason } => Some(reason.as_str()),
-                _ => None,
-            };
-            let updated = sqlx::query(
-                "UPDATE herald_deliveries SET status = $1, \
-                 next_attempt_at = CASE WHEN $1 = 'RETRY' \
-                   THEN now() + make_interval(secs => $2) ELSE next_attempt_at END, \
-                 locked_by = NULL, locked_until = NULL, last_error = $3, updated_at = now() \
-                 WHERE delivery_id = $4 AND locked_by = $5 AND attempts = $6 \
-                   AND status IN ('PENDING', 'RETRY') \
-                 RETURNING event_id, route, idempotency_key",
-            )
-            .bind(outcome.delivery_status().as_str())
-            .bind(retry_after.as_secs_f64())
-            .bind(failure)
-            .bind(completion.delivery_id)
-            .bind(&completion.owner)
-            .bind(completion.attempt)
-            .fetch_optional(&mut *tx)
-            .await
-            .doing("recording a delivery outcome")?;
-            let Some(updated) = updated else {
+            if !held.contains(&completion.delivery_id) {
                 results.push(CompletionResult::LeaseLost);
                 continue;
-            };
-            let event_id = updated.int("event_id")?;
-            let route = updated.text("route")?;
-            let key = updated.text("idempotency_key")?;
-            sqlx::query(
-                "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
-                 detail, plugin_version, instance, started_at, duration_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(completion.delivery_id)
-            .bind(event_id)
-            .bind(&route)
-            .bind(completion.attempt)
-            .bind(outcome.attempt_outcome().as_str())
-            .bind(outcome.detail())
-            .bind(&completion.plugin_version)
-            .bind(&completion.owner)
-            .bind(completion.started_at)
-            .bind(duration_us(completion.duration))
-            .execute(&mut *tx)
-            .await
-            .doing("writing the attempts log")?;
-            if outcome.completes_key() {
-                sqlx::query(
-                    "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, \
-                     detail) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                )
-                .bind(&route)
-                .bind(&key)
-                .bind(event_id)
-                .bind(outcome.attempt_outcome().as_str())
-                .bind(outcome.detail())
-                .execute(&mut *tx)
-                .await
-                .doing("recording the idempotency key")?;
             }
-            let mut emitted = Vec::with_capacity(outcome.emitted().len());
-            for event in outcome.emitted() {
+            let mut emitted = Vec::with_capacity(completion.outcome.emitted().len());
+            for event in completion.outcome.emitted() {
                 emitted.push(insert_event(&mut tx, event).await?);
             }
             for event in &completion.host_events {
                 insert_event(&mut tx, event).await?;
             }
-            resettle_event(&mut tx, event_id).await?;
             results.push(CompletionResult::Committed { emitted });
         }
+        resettle_events(&mut tx, recorded.iter().map(|r| r.event_id).collect()).await?;
         tx.commit().await.doing("committing outcomes")?;
         Ok(results)
     }
@@ -427,8 +557,9 @@ impl EventStore for PostgresStore {
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
         let released = sqlx::query(
             "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
-             attempts = attempts - 1 WHERE delivery_id = ANY($1) AND locked_by = $2 \
-             AND status IN ('PENDING', 'RETRY')",
+             attempts = attempts - 1 WHERE delivery_id IN (SELECT delivery_id \
+               FROM herald_deliveries WHERE delivery_id = ANY($1) AND locked_by = $2 \
+               AND status IN ('PENDING', 'RETRY') ORDER BY delivery_id FOR UPDATE)",
         )
         .bind(delivery_ids)
         .bind(owner)
@@ -449,7 +580,9 @@ impl EventStore for PostgresStore {
         }
         let renewed = sqlx::query(
             "UPDATE herald_deliveries SET locked_until = now() + make_interval(secs => $1) \
-             WHERE locked_by = $2 AND delivery_id = ANY($3) AND status IN ('PENDING', 'RETRY')",
+             WHERE delivery_id IN (SELECT delivery_id FROM herald_deliveries \
+               WHERE locked_by = $2 AND delivery_id = ANY($3) \
+               AND status IN ('PENDING', 'RETRY') ORDER BY delivery_id FOR UPDATE)",
         )
         .bind(lease.as_secs_f64())
         .bind(owner)
@@ -610,13 +743,9 @@ impl EventStore for PostgresStore {
             .fetch_all(&mut *tx)
             .await
             .doing("redriving dead deliveries")?;
-        let mut distinct = events.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for event_id in distinct {
-            resettle_event(&mut tx, event_id).await?;
-        }
+        let redriven = events.len() as u64;
+        resettle_events(&mut tx, events).await?;
         tx.commit().await.doing("committing a redrive")?;
-        Ok(events.len() as u64)
+        Ok(redriven)
     }
 }

@@ -3,8 +3,10 @@
 
 use chrono::{DateTime, Utc};
 
+use super::batch::{DeliveryState, Recorded};
+use super::fan_out::Candidate;
 use super::{
-    Attempt, AttemptOutcome, Backlog, ClaimedDelivery, Delivery, DeliveryStatus, Event,
+    Attempt, AttemptOutcome, Backlog, ClaimedDelivery, Delivery, DeliveryStatus, Event, EventHead,
     EventStatus, Instance, LedgerEntry, StoreError, StoreResult,
 };
 
@@ -138,4 +140,37 @@ pub(crate) fn backlog(row: &impl StoreRow) -> StoreResult<Backlog> {
         ready_events: count("ready_events")?,
         waiting_retry: count("waiting_retry")?,
     })
+}
+
+pub(crate) fn candidate(row: &impl StoreRow) -> StoreResult<Candidate> {
+    Ok(Candidate {
+        head: EventHead {
+            event_id: row.int("event_id")?,
+            event_type: row.text("event_type")?,
+            event_target: row.opt_text("event_target")?,
+            entity_type: row.text("entity_type")?,
+            entity_id: row.text("entity_id")?,
+        },
+        event_data: row.opt_text("event_data")?,
+        idempotency_key: row.opt_text("idempotency_key")?,
+    })
+}
+
+pub(crate) fn recorded(row: &impl StoreRow) -> StoreResult<Recorded> {
+    Ok(Recorded {
+        delivery_id: row.int("delivery_id")?,
+        event_id: row.int("event_id")?,
+        route: row.text("route")?,
+        idempotency_key: row.text("idempotency_key")?,
+    })
+}
+
+/// A row of `event_id, status, route, last_error` from `herald_deliveries`.
+pub(crate) fn delivery_state(row: &impl StoreRow) -> StoreResult<DeliveryState> {
+    Ok((
+        row.int("event_id")?,
+        row.parsed::<DeliveryStatus>("status")?,
+        row.text("route")?,
+        row.opt_text("last_error")?,
+    ))
 }

@@ -4,6 +4,7 @@
 //! transaction starts with `BEGIN IMMEDIATE` so it takes the write lock up front instead of
 //! failing to upgrade a stale read snapshot.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,19 +16,20 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use tokio::sync::{Mutex, MutexGuard};
 
+use super::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
-use super::fan_out::{settle_from_deliveries, Candidate, Disposition};
+use super::fan_out::Candidate;
 use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
 use super::time::{
     from_sqlite_text, sqlite_offset, sqlite_offset_back, to_sqlite_text, SQLITE_NOW,
 };
 use super::{
-    delivery_key, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
-    Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventHead,
-    EventStatus, EventStore, FanOutReport, Instance, NewEvent, OpenOptions, RedriveSelection,
-    Router, StoreError, StoreResult,
+    Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
+    DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance, NewEvent,
+    OpenOptions, RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -38,6 +40,7 @@ const EVENT_COLUMNS: &str = "event_id, event_target, event_type, entity_type, en
 pub struct SqliteStore {
     pool: SqlitePool,
     path: PathBuf,
+    write_turn: Mutex<()>,
 }
 
 impl SqliteStore {
@@ -67,6 +70,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             path: path.to_path_buf(),
+            write_turn: Mutex::new(()),
         })
     }
 
@@ -74,11 +78,20 @@ impl SqliteStore {
         format!("sqlite://{}", self.path.display())
     }
 
-    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
-        self.pool
+    /// A write transaction, and this process's turn to write. SQLite has one writer; when
+    /// this process's own tasks (fan-out, claims, outcome writers) queue here instead of
+    /// in SQLite's busy handler, which sleeps and retries, a contended write starts the
+    /// moment the previous one commits.
+    async fn begin_write(
+        &self,
+    ) -> StoreResult<(MutexGuard<'_, ()>, sqlx::Transaction<'static, Sqlite>)> {
+        let turn = self.write_turn.lock().await;
+        let tx = self
+            .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .doing("starting a write transaction")
+            .doing("starting a write transaction")?;
+        Ok((turn, tx))
     }
 }
 
@@ -123,44 +136,246 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
     .doing("appending an event")
 }
 
-async fn settle_event(
+/// Rows per multi-row INSERT: well under SQLite's limit of 32,766 bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
+/// Take the next new events, oldest first, and mark them fanned out (in the caller's
+/// transaction, so a failed pass leaves them new).
+async fn take_candidates(conn: &mut SqliteConnection, limit: u32) -> StoreResult<Vec<Candidate>> {
+    let rows = sqlx::query(
+        "UPDATE events SET fanned_out = 1 WHERE event_id IN (\
+           SELECT event_id FROM events INDEXED BY events_to_fan_out \
+           WHERE event_status = 'READY' AND fanned_out = 0 \
+           ORDER BY event_id LIMIT $1) \
+         RETURNING event_id, event_type, event_target, entity_type, entity_id, event_data, \
+           idempotency_key",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(conn)
+    .await
+    .doing("reading new events")?;
+    let mut candidates = rows
+        .iter()
+        .map(rows::candidate)
+        .collect::<StoreResult<Vec<_>>>()?;
+    candidates.sort_by_key(|c| c.head.event_id);
+    Ok(candidates)
+}
+
+/// For each candidate with a producer key, the earliest other event holding that key:
+/// an earlier event, or a later one that an earlier pass already handled. Either way the
+/// candidate repeats it. (This pass has marked its own candidates fanned out already;
+/// among them only the id order counts. One statement per key: SQLite runs in-process.)
+async fn key_holders(
     conn: &mut SqliteConnection,
-    event_id: i64,
-    status: EventStatus,
-    reason: Option<&str>,
-) -> StoreResult<()> {
-    sqlx::query("UPDATE events SET event_status = $1, status_reason = $2 WHERE event_id = $3")
-        .bind(status.as_str())
-        .bind(reason)
-        .bind(event_id)
-        .execute(conn)
+    candidates: &[Candidate],
+) -> StoreResult<HashMap<i64, i64>> {
+    let mut holders = HashMap::new();
+    let this_pass = id_list(
+        &candidates
+            .iter()
+            .map(|c| c.head.event_id)
+            .collect::<Vec<_>>(),
+    );
+    for candidate in candidates {
+        let Some(key) = &candidate.idempotency_key else {
+            continue;
+        };
+        let holder: Option<i64> = sqlx::query_scalar(
+            "SELECT event_id FROM events o WHERE idempotency_key = $1 \
+             AND event_id <> $2 AND event_status <> 'DUPLICATE' \
+             AND (event_id < $2 OR event_status <> 'READY' \
+               OR (fanned_out = 1 AND event_id NOT IN (SELECT value FROM json_each($3)))) \
+             ORDER BY event_id LIMIT 1",
+        )
+        .bind(key)
+        .bind(candidate.head.event_id)
+        .bind(&this_pass)
+        .fetch_optional(&mut *conn)
         .await
-        .doing("updating an event's status")?;
+        .doing("checking an idempotency key")?;
+        if let Some(holder) = holder {
+            holders.insert(candidate.head.event_id, holder);
+        }
+    }
+    Ok(holders)
+}
+
+async fn insert_deliveries(
+    conn: &mut SqliteConnection,
+    deliveries: &[NewDelivery],
+) -> StoreResult<()> {
+    for chunk in deliveries.chunks(ROWS_PER_INSERT) {
+        QueryBuilder::<Sqlite>::new(
+            "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+             idempotency_key) ",
+        )
+        .push_values(chunk, |mut row, d| {
+            row.push_bind(d.event_id)
+                .push_bind(&d.route)
+                .push_bind(&d.entity_type)
+                .push_bind(&d.entity_id)
+                .push_bind(d.ordered)
+                .push_bind(&d.idempotency_key);
+        })
+        .build()
+        .execute(&mut *conn)
+        .await
+        .doing("creating deliveries")?;
+    }
     Ok(())
 }
 
-/// Recompute an event's status from its deliveries, inside the caller's transaction.
-async fn resettle_event(conn: &mut SqliteConnection, event_id: i64) -> StoreResult<()> {
-    let rows = sqlx::query(
-        "SELECT status, route, last_error FROM herald_deliveries WHERE event_id = $1 \
-         ORDER BY delivery_id",
+async fn apply_settlements(
+    conn: &mut SqliteConnection,
+    settlements: &[Settlement],
+) -> StoreResult<()> {
+    if settlements.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = settlements
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.event_id,
+                "status": s.status.as_str(),
+                "reason": s.reason,
+            })
+        })
+        .collect();
+    sqlx::query(
+        "UPDATE events SET event_status = u.status, status_reason = u.reason FROM (\
+           SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status, \
+             json_extract(value, '$.reason') AS reason FROM json_each($1)) AS u \
+         WHERE events.event_id = u.id",
     )
-    .bind(event_id)
+    .bind(serde_json::Value::Array(rows).to_string())
+    .execute(conn)
+    .await
+    .doing("updating events' status")?;
+    Ok(())
+}
+
+/// Recompute the events' status from their deliveries, inside the caller's transaction.
+async fn resettle_events(conn: &mut SqliteConnection, mut event_ids: Vec<i64>) -> StoreResult<()> {
+    event_ids.sort_unstable();
+    event_ids.dedup();
+    if event_ids.is_empty() {
+        return Ok(());
+    }
+    let rows = sqlx::query(
+        "SELECT event_id, status, route, last_error FROM herald_deliveries \
+         WHERE event_id IN (SELECT value FROM json_each($1)) ORDER BY event_id, delivery_id",
+    )
+    .bind(id_list(&event_ids))
     .fetch_all(&mut *conn)
     .await
-    .doing("reading an event's deliveries")?;
-    let deliveries = rows
+    .doing("reading events' deliveries")?;
+    let states = rows
         .iter()
-        .map(|row| {
-            Ok((
-                row.parsed::<DeliveryStatus>("status")?,
-                row.text("route")?,
-                row.opt_text("last_error")?,
-            ))
-        })
+        .map(rows::delivery_state)
         .collect::<StoreResult<Vec<_>>>()?;
-    let (status, reason) = settle_from_deliveries(&deliveries);
-    settle_event(conn, event_id, status, reason.as_deref()).await
+    apply_settlements(conn, &batch::resettle(states)).await
+}
+
+/// Close the deliveries whose lease still holds; returns what each matched one is. One
+/// statement for the batch: the rows travel as one JSON parameter. (The `+` keeps the
+/// planner off the status index: walking every open delivery and scanning the JSON for
+/// each is quadratic; JSON first with primary-key lookups is linear.)
+async fn close_deliveries(
+    conn: &mut SqliteConnection,
+    completions: &[Completion],
+) -> StoreResult<Vec<Recorded>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<serde_json::Value> = completions
+        .iter()
+        .map(|completion| {
+            let update = DeliveryUpdate::of(completion);
+            serde_json::json!({
+                "id": completion.delivery_id,
+                "owner": completion.owner,
+                "attempt": completion.attempt,
+                "status": update.status.as_str(),
+                "offset": sqlite_offset(update.retry_after),
+                "error": update.error,
+            })
+        })
+        .collect();
+    let rows = sqlx::query(&format!(
+        "UPDATE herald_deliveries AS d SET status = u.status, \
+         next_attempt_at = CASE WHEN u.status = 'RETRY' \
+           THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now', u.offset) ELSE d.next_attempt_at END, \
+         locked_by = NULL, locked_until = NULL, last_error = u.error, \
+         updated_at = {SQLITE_NOW} \
+         FROM (SELECT json_extract(value, '$.id') AS id, \
+             json_extract(value, '$.owner') AS owner, \
+             json_extract(value, '$.attempt') AS attempt, \
+             json_extract(value, '$.status') AS status, \
+             json_extract(value, '$.offset') AS offset, \
+             json_extract(value, '$.error') AS error FROM json_each($1)) AS u \
+         WHERE d.delivery_id = u.id AND d.locked_by = u.owner AND d.attempts = u.attempt \
+           AND +d.status IN ('PENDING', 'RETRY') \
+         RETURNING delivery_id, event_id, route, idempotency_key"
+    ))
+    .bind(serde_json::Value::Array(rows).to_string())
+    .fetch_all(conn)
+    .await
+    .doing("recording delivery outcomes")?;
+    rows.iter().map(rows::recorded).collect()
+}
+
+/// The attempts log and the idempotency ledger for the completions that held.
+async fn log_attempts(
+    conn: &mut SqliteConnection,
+    matched: &[(&Completion, &Recorded)],
+) -> StoreResult<()> {
+    for chunk in matched.chunks(ROWS_PER_INSERT) {
+        QueryBuilder::<Sqlite>::new(
+            "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+             detail, plugin_version, instance, started_at, duration_us) ",
+        )
+        .push_values(chunk, |mut row, (c, r)| {
+            row.push_bind(c.delivery_id)
+                .push_bind(r.event_id)
+                .push_bind(&r.route)
+                .push_bind(c.attempt)
+                .push_bind(c.outcome.attempt_outcome().as_str())
+                .push_bind(c.outcome.detail())
+                .push_bind(&c.plugin_version)
+                .push_bind(&c.owner)
+                .push_bind(to_sqlite_text(c.started_at))
+                .push_bind(batch::duration_us(c.duration));
+        })
+        .build()
+        .execute(&mut *conn)
+        .await
+        .doing("writing the attempts log")?;
+    }
+    let keyed: Vec<&(&Completion, &Recorded)> = matched
+        .iter()
+        .filter(|(c, _)| c.outcome.completes_key())
+        .collect();
+    for chunk in keyed.chunks(ROWS_PER_INSERT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) ",
+        );
+        query.push_values(chunk, |mut row, (c, r)| {
+            row.push_bind(&r.route)
+                .push_bind(&r.idempotency_key)
+                .push_bind(r.event_id)
+                .push_bind(c.outcome.attempt_outcome().as_str())
+                .push_bind(c.outcome.detail());
+        });
+        query
+            .push(" ON CONFLICT DO NOTHING")
+            .build()
+            .execute(&mut *conn)
+            .await
+            .doing("recording idempotency keys")?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -198,7 +413,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut ids = Vec::with_capacity(events.len());
         for event in events {
             ids.push(insert_event(&mut tx, event).await?);
@@ -208,95 +423,26 @@ impl EventStore for SqliteStore {
     }
 
     async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
-        let mut tx = self.begin_write().await?;
-        let rows = sqlx::query(
-            "SELECT event_id, event_type, event_target, entity_type, entity_id, event_data, \
-             idempotency_key FROM events e WHERE event_status = 'READY' AND NOT EXISTS \
-             (SELECT 1 FROM herald_deliveries d WHERE d.event_id = e.event_id) \
-             ORDER BY event_id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .doing("reading new events")?;
-        let mut report = FanOutReport::default();
-        for row in &rows {
-            let candidate = Candidate {
-                head: EventHead {
-                    event_id: row.int("event_id")?,
-                    event_type: row.text("event_type")?,
-                    event_target: row.opt_text("event_target")?,
-                    entity_type: row.text("entity_type")?,
-                    entity_id: row.text("entity_id")?,
-                },
-                event_data: row.opt_text("event_data")?,
-                idempotency_key: row.opt_text("idempotency_key")?,
-            };
-            let event_id = candidate.head.event_id;
-            let key_holder: Option<i64> = match &candidate.idempotency_key {
-                None => None,
-                // An earlier event with the key, or a later one that was already handled
-                // (its transaction committed first): either way this one repeats it.
-                Some(key) => sqlx::query_scalar(
-                    "SELECT event_id FROM events o WHERE idempotency_key = $1 \
-                     AND event_id <> $2 AND event_status <> 'DUPLICATE' \
-                     AND (event_id < $2 OR event_status <> 'READY' OR EXISTS \
-                     (SELECT 1 FROM herald_deliveries d WHERE d.event_id = o.event_id)) \
-                     ORDER BY event_id LIMIT 1",
-                )
-                .bind(key)
-                .bind(event_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("checking an idempotency key")?,
-            };
-            match candidate.decide(key_holder, router) {
-                Disposition::Settle { status, reason } => {
-                    match status {
-                        EventStatus::Duplicate => report.duplicates += 1,
-                        EventStatus::Skipped => report.skipped += 1,
-                        _ => report.malformed += 1,
-                    }
-                    settle_event(&mut tx, event_id, status, Some(&reason)).await?;
-                }
-                Disposition::Deliver(routes) => {
-                    report.routed += 1;
-                    report.deliveries += routes.len();
-                    for plan in routes {
-                        let key = delivery_key(
-                            candidate.idempotency_key.as_deref(),
-                            event_id,
-                            &plan.route,
-                        );
-                        sqlx::query(
-                            "INSERT INTO herald_deliveries (event_id, route, entity_type, \
-                             entity_id, ordered, idempotency_key) VALUES ($1, $2, $3, $4, $5, $6)",
-                        )
-                        .bind(event_id)
-                        .bind(&plan.route)
-                        .bind(&candidate.head.entity_type)
-                        .bind(&candidate.head.entity_id)
-                        .bind(plan.ordered)
-                        .bind(key)
-                        .execute(&mut *tx)
-                        .await
-                        .doing("creating deliveries")?;
-                    }
-                }
-            }
-        }
+        let (_turn, mut tx) = self.begin_write().await?;
+        let candidates = take_candidates(&mut tx, limit).await?;
+        let holders = key_holders(&mut tx, &candidates).await?;
+        let plan = batch::plan_fan_out(candidates, &holders, router);
+        insert_deliveries(&mut tx, &plan.deliveries).await?;
+        apply_settlements(&mut tx, &plan.settlements).await?;
         tx.commit().await.doing("committing fan-out")?;
-        Ok(report)
+        Ok(plan.report)
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
+        // The due index gives the claim order directly; left to itself SQLite picks the
+        // status index and sorts every open delivery on each claim.
         let claimed: Vec<(i64,)> = sqlx::query_as(&format!(
             "UPDATE herald_deliveries SET locked_by = $1, \
              locked_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2), \
              attempts = attempts + 1, updated_at = {SQLITE_NOW} \
              WHERE delivery_id IN (\
-               SELECT d.delivery_id FROM herald_deliveries d \
+               SELECT d.delivery_id FROM herald_deliveries d INDEXED BY herald_deliveries_due \
                WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= {SQLITE_NOW} \
                  AND (d.locked_until IS NULL OR d.locked_until <= {SQLITE_NOW}) \
                  AND (NOT d.ordered OR NOT EXISTS (\
@@ -343,88 +489,27 @@ impl EventStore for SqliteStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
+        let recorded = close_deliveries(&mut tx, completions).await?;
+        let matched = batch::matched(completions, &recorded);
+        log_attempts(&mut tx, &matched).await?;
+        let held: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
         let mut results = Vec::with_capacity(completions.len());
         for completion in completions {
-            let outcome = &completion.outcome;
-            let retry_after = match outcome {
-                super::Outcome::Retry { after, .. } => *after,
-                _ => Duration::ZERO,
-            };
-            let failure = match outcome {
-                super::Outcome::Retry { reason, .. } | super::Outcome::Dead { reason } => {
-                    Some(reason.as_str())
-                }
-                _ => None,
-            };
-            let updated = sqlx::query(&format!(
-                "UPDATE herald_deliveries SET status = $1, \
-                 next_attempt_at = CASE WHEN $1 = 'RETRY' \
-                   THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2) ELSE next_attempt_at END, \
-                 locked_by = NULL, locked_until = NULL, last_error = $3, \
-                 updated_at = {SQLITE_NOW} \
-                 WHERE delivery_id = $4 AND locked_by = $5 AND attempts = $6 \
-                   AND status IN ('PENDING', 'RETRY') \
-                 RETURNING event_id, route, idempotency_key"
-            ))
-            .bind(outcome.delivery_status().as_str())
-            .bind(sqlite_offset(retry_after))
-            .bind(failure)
-            .bind(completion.delivery_id)
-            .bind(&completion.owner)
-            .bind(completion.attempt)
-            .fetch_optional(&mut *tx)
-            .await
-            .doing("recording a delivery outcome")?;
-            let Some(updated) = updated else {
+            if !held.contains(&completion.delivery_id) {
                 results.push(CompletionResult::LeaseLost);
                 continue;
-            };
-            let event_id = updated.int("event_id")?;
-            let route = updated.text("route")?;
-            let key = updated.text("idempotency_key")?;
-            sqlx::query(
-                "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
-                 detail, plugin_version, instance, started_at, duration_us) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(completion.delivery_id)
-            .bind(event_id)
-            .bind(&route)
-            .bind(completion.attempt)
-            .bind(outcome.attempt_outcome().as_str())
-            .bind(outcome.detail())
-            .bind(&completion.plugin_version)
-            .bind(&completion.owner)
-            .bind(to_sqlite_text(completion.started_at))
-            .bind(duration_us(completion.duration))
-            .execute(&mut *tx)
-            .await
-            .doing("writing the attempts log")?;
-            if outcome.completes_key() {
-                sqlx::query(
-                    "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, \
-                     detail) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                )
-                .bind(&route)
-                .bind(&key)
-                .bind(event_id)
-                .bind(outcome.attempt_outcome().as_str())
-                .bind(outcome.detail())
-                .execute(&mut *tx)
-                .await
-                .doing("recording the idempotency key")?;
             }
-            let mut emitted = Vec::with_capacity(outcome.emitted().len());
-            for event in outcome.emitted() {
+            let mut emitted = Vec::with_capacity(completion.outcome.emitted().len());
+            for event in completion.outcome.emitted() {
                 emitted.push(insert_event(&mut tx, event).await?);
             }
             for event in &completion.host_events {
                 insert_event(&mut tx, event).await?;
             }
-            resettle_event(&mut tx, event_id).await?;
             results.push(CompletionResult::Committed { emitted });
         }
+        resettle_events(&mut tx, recorded.iter().map(|r| r.event_id).collect()).await?;
         tx.commit().await.doing("committing outcomes")?;
         Ok(results)
     }
@@ -575,7 +660,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "UPDATE herald_deliveries SET status = 'PENDING', attempts = 0, \
              next_attempt_at = {SQLITE_NOW}, last_error = NULL, updated_at = {SQLITE_NOW} \
@@ -593,14 +678,10 @@ impl EventStore for SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .doing("redriving dead deliveries")?;
-        let mut distinct = events.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for event_id in distinct {
-            resettle_event(&mut tx, event_id).await?;
-        }
+        let redriven = events.len() as u64;
+        resettle_events(&mut tx, events).await?;
         tx.commit().await.doing("committing a redrive")?;
-        Ok(events.len() as u64)
+        Ok(redriven)
     }
 }
 
@@ -608,8 +689,4 @@ impl EventStore for SqliteStore {
 fn id_list(ids: &[i64]) -> String {
     let items: Vec<String> = ids.iter().map(i64::to_string).collect();
     format!("[{}]", items.join(","))
-}
-
-pub(crate) fn duration_us(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

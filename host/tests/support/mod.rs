@@ -61,3 +61,13 @@ pub fn serve_in_foreground(config: &Path) -> tokio::process::Child {
         .spawn()
         .expect("start herald serve")
 }
+
+/// Send SIGTERM to a running `herald serve`, as systemd or an operator would.
+pub fn sigterm(serve: &tokio::process::Child) {
+    let pid = serve.id().expect("serve is running").to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+}

@@ -9,14 +9,21 @@
 //! 4. config `emit_type` set: emits `emit_count` (default 1) events of that type for
 //!    the same entity, data `{"echo_of": <id>, "data": <the event's data>}`; a refused
 //!    emit is dead with the host's error;
-//! 5. delivered, receipt `<route>:<attempt>:<idempotency_key>`.
+//! 5. data `{"panic": "why"}`: panics with that message (a trap);
+//! 6. delivered, receipt `<route>:<attempt>:<idempotency_key>`, or, with config
+//!    `count_calls` set, `calls:<n>`: how many events this instance has handled, which
+//!    shows whether instances are reused between events.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use herald_sdk::prelude::*;
 use serde_json::{json, Value};
 
 struct Echo;
+
+/// Events this instance has handled: state a plugin keeps in a global.
+static CALLS: AtomicU32 = AtomicU32::new(0);
 
 impl Plugin for Echo {
     fn describe() -> PluginInfo {
@@ -30,9 +37,14 @@ impl Plugin for Echo {
                 "emit_count",
                 "How many events to emit (default 1).",
             ))
+            .config(ConfigKey::optional(
+                "count_calls",
+                "Receipt `calls:<n>`: events this instance has handled.",
+            ))
     }
 
     fn handle(event: Event) -> Outcome {
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
         log::info(format!(
             "echo {} attempt {} on {}",
             event.id, event.attempt, event.route
@@ -56,6 +68,10 @@ impl Plugin for Echo {
             });
         }
 
+        if let Some(why) = data.get("panic").and_then(Value::as_str) {
+            panic!("{why}");
+        }
+
         if let Some(emit_type) = config::get("emit_type") {
             let count = match config::parse::<u32>("emit_count") {
                 Ok(count) => count.unwrap_or(1),
@@ -70,6 +86,9 @@ impl Plugin for Echo {
             }
         }
 
+        if config::get("count_calls").is_some() {
+            return Outcome::delivered_with(format!("calls:{calls}"));
+        }
         Outcome::delivered_with(format!(
             "{}:{}:{}",
             event.route, event.attempt, event.idempotency_key

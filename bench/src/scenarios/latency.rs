@@ -1,0 +1,171 @@
+//! Scenario 4, latency: a producer inserts events at a steady rate, one per transaction,
+//! while Herald runs (`dispatcher.run`) and delivers them through the webhook plugin to
+//! the loopback sink; created → delivered per event.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use super::{one_line, with_env, Ctx};
+use crate::report::{count, millis, quantile, rate, Table};
+use crate::setup::{webhook_route, Backend, Env};
+use crate::sink::Sink;
+use crate::tuning::{Sizes, LATENCY_DISPATCH};
+
+const EVENT_TYPE: &str = "bench.latency";
+
+struct Measured {
+    events: usize,
+    produced_per_sec: f64,
+    /// Sorted.
+    latencies: Vec<Duration>,
+}
+
+pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
+    let sizes = ctx.sizes.clone();
+    let mut table = Table::new(
+        format!(
+            "4. Latency: created → delivered at {} events/s for {} s (webhook to the loopback sink)",
+            count(sizes.latency_rate),
+            sizes.latency_for.as_secs_f64()
+        ),
+        &[
+            "backend",
+            "wake-up",
+            "events",
+            "produced/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+        ],
+    );
+    table.note(format!(
+        "Created: the instant just before the producer's INSERT (one event per transaction, \
+         paced by a tokio interval). Delivered: the sink's arrival instant. Herald runs \
+         `dispatcher.run` with `[dispatch]` {}; the first {} events warm up and are not counted.",
+        one_line(LATENCY_DISPATCH),
+        sizes.latency_warmup
+    ));
+    for &backend in backends {
+        let plugins = ctx.plugins.clone();
+        let measured = with_env(backend, "latency", async |env: &Env| {
+            measure(env, &plugins, &sizes).await
+        })
+        .await;
+        match measured {
+            Ok(m) => {
+                let at = |q| quantile(&m.latencies, q).map_or("-".to_string(), millis);
+                table.row(vec![
+                    backend.name().to_string(),
+                    match backend {
+                        Backend::Postgres => "LISTEN/NOTIFY".to_string(),
+                        Backend::Sqlite => "polling".to_string(),
+                    },
+                    count(m.events as u64),
+                    rate(m.produced_per_sec),
+                    at(0.50),
+                    at(0.99),
+                    at(1.0),
+                ]);
+            }
+            Err(err) => ctx.fail(&mut table, backend.name(), &err),
+        }
+    }
+    table
+}
+
+async fn measure(env: &Env, plugins: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Measured> {
+    let sink = Sink::start(true).await?;
+    env.install_plugins(plugins, &["webhook"])?;
+    let service = env
+        .herald(LATENCY_DISPATCH, &webhook_route("bench.*", &sink))
+        .await?;
+    let (stop, stopped) = watch::channel(false);
+    let runner = {
+        let service = service.clone();
+        tokio::spawn(async move { service.dispatcher.run(stopped).await })
+    };
+    let measured = produce(env, &sink, sizes).await;
+    let _ = stop.send(true);
+    runner.await.context("the dispatcher task")?;
+    measured
+}
+
+async fn produce(env: &Env, sink: &Sink, sizes: &Sizes) -> anyhow::Result<Measured> {
+    let warmup = sizes.latency_warmup as i64;
+    for seq in 1..=warmup {
+        env.db
+            .insert_one(EVENT_TYPE, seq)
+            .await
+            .context("warm-up insert")?;
+    }
+    wait_for(sink, 1..=warmup, Duration::from_secs(30)).await?;
+
+    let total = (sizes.latency_rate as f64 * sizes.latency_for.as_secs_f64()).round() as i64;
+    let first = warmup + 1;
+    let bar = crate::progress::bar(total as u64, &format!("latency {}", env.backend.name()));
+    let mut interval =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / sizes.latency_rate as f64));
+    interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut inserts = Vec::with_capacity(total as usize);
+    for seq in first..first + total {
+        interval.tick().await;
+        let db = env.db.clone();
+        inserts.push(tokio::spawn(async move {
+            let at = Instant::now();
+            db.insert_one(EVENT_TYPE, seq).await.map(|()| (seq, at))
+        }));
+        bar.inc(1);
+    }
+    let mut created = Vec::with_capacity(inserts.len());
+    for insert in inserts {
+        created.push(insert.await.context("insert task")?.context("insert")?);
+    }
+    let produced_for = started.elapsed();
+    bar.finish_and_clear();
+
+    let arrivals = wait_for(sink, first..=first + total - 1, sizes.time_bound).await?;
+    let mut latencies: Vec<Duration> = created
+        .iter()
+        .filter_map(|(seq, at)| {
+            arrivals
+                .get(seq)
+                .map(|arrived| arrived.saturating_duration_since(*at))
+        })
+        .collect();
+    latencies.sort_unstable();
+    Ok(Measured {
+        events: latencies.len(),
+        produced_per_sec: total as f64 / produced_for.as_secs_f64(),
+        latencies,
+    })
+}
+
+/// Wait until every `seq` of `range` arrived at the sink; the first arrivals.
+async fn wait_for(
+    sink: &Sink,
+    range: std::ops::RangeInclusive<i64>,
+    bound: Duration,
+) -> anyhow::Result<std::collections::HashMap<i64, Instant>> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let arrivals = sink.arrivals();
+        let missing = range
+            .clone()
+            .filter(|seq| !arrivals.contains_key(seq))
+            .count();
+        if missing == 0 {
+            return Ok(arrivals);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{missing} of {} events had not arrived at the sink after {bound:?}",
+                range.count()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

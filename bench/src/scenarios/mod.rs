@@ -1,0 +1,108 @@
+//! The six scenarios. Each builds its own database per backend, measures, tears it down
+//! and returns its table; a failure on one backend is reported in its row and the run goes
+//! on (the exit code says something failed).
+
+mod ceiling;
+mod drain;
+mod hotswap;
+mod latency;
+mod overhead;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+
+use crate::report::Table;
+use crate::setup::{Backend, Env};
+use crate::tuning::Sizes;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Scenario {
+    Ceiling,
+    Noop,
+    Webhook,
+    Latency,
+    Overhead,
+    Hotswap,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Ceiling,
+        Scenario::Noop,
+        Scenario::Webhook,
+        Scenario::Latency,
+        Scenario::Overhead,
+        Scenario::Hotswap,
+    ];
+}
+
+/// What the scenarios share: sizes, the built plugins, and figures later scenarios
+/// compare with.
+pub struct Ctx {
+    pub sizes: Sizes,
+    /// Where `tests/build-plugins` put the plugins.
+    pub plugins: PathBuf,
+    /// Rows/s of the ceiling relay per backend, for the drains' ratio.
+    pub ceiling: HashMap<Backend, f64>,
+    pub failures: usize,
+}
+
+impl Ctx {
+    /// Count a failed measurement, say it on stderr and put it in the table.
+    fn fail(&mut self, table: &mut Table, first: &str, err: &anyhow::Error) {
+        self.failures += 1;
+        eprintln!("{first}: {err:#}");
+        table.failed(first, err);
+    }
+}
+
+pub async fn run(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Table {
+    match scenario {
+        Scenario::Ceiling => ceiling::table(ctx, backends).await,
+        Scenario::Noop => drain::table(ctx, backends, drain::Plugin::Noop).await,
+        Scenario::Webhook => drain::table(ctx, backends, drain::Plugin::Webhook).await,
+        Scenario::Latency => latency::table(ctx, backends).await,
+        Scenario::Overhead => overhead::table(ctx).await,
+        Scenario::Hotswap => hotswap::table(ctx, backends).await,
+    }
+}
+
+/// Run `measure` on a fresh [`Env`] and tear the env down whatever the outcome.
+async fn with_env<T, F>(backend: Backend, scenario: &str, measure: F) -> anyhow::Result<T>
+where
+    F: AsyncFnOnce(&Env) -> anyhow::Result<T>,
+{
+    let env = Env::create(backend, scenario).await?;
+    let result = measure(&env).await;
+    env.finish().await;
+    result
+}
+
+/// `[dispatch]` text on one line, for a table's note.
+fn one_line(toml: &str) -> String {
+    toml.lines().collect::<Vec<_>>().join(", ")
+}
+
+/// Preload events `1..=n` of `event_type` into `table`, in chunks, with a progress bar.
+async fn preload(env: &Env, table: &str, event_type: &str, n: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bar = crate::progress::bar(n, &format!("insert {} {table}", env.backend.name()));
+    let mut first = 1u64;
+    while first <= n {
+        let last = (first + crate::tuning::PRELOAD_CHUNK - 1).min(n);
+        env.db
+            .insert_range(table, event_type, first as i64, last as i64)
+            .await
+            .with_context(|| format!("inserting rows {first}..={last} into {table}"))?;
+        bar.set_position(last);
+        first = last + 1;
+    }
+    bar.finish_and_clear();
+    if env.backend == Backend::Postgres {
+        // What autovacuum would have done to a table this size by now.
+        env.db.execute(&format!("ANALYZE {table}")).await?;
+    }
+    Ok(())
+}
