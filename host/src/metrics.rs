@@ -25,6 +25,8 @@
 //! - `herald_events_ready`: READY events, the work not yet finished; a growing value means
 //!   Herald falls behind its producers.
 //! - `herald_deliveries_waiting_retry`: deliveries waiting for a retry; receivers failing.
+//! - `herald_plugin_quarantined{plugin}`: 1 while a plugin's routes are paused after
+//!   consecutive faults (`herald plugins resume NAME` lifts it); alert on any 1.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -49,6 +51,7 @@ const PLUGIN_FAULTS: &str = "herald_plugin_faults_total";
 const PLUGIN_DEPLOYS: &str = "herald_plugin_deploys_total";
 const EVENTS_READY: &str = "herald_events_ready";
 const WAITING_RETRY: &str = "herald_deliveries_waiting_retry";
+const PLUGIN_QUARANTINED: &str = "herald_plugin_quarantined";
 
 /// From a fast in-memory plugin to a slow webhook at its time limit.
 const ATTEMPT_BUCKETS: &[f64] = &[
@@ -125,6 +128,10 @@ fn describe() {
     );
     describe_gauge!(EVENTS_READY, "Events still READY in the store.");
     describe_gauge!(WAITING_RETRY, "Deliveries waiting for a retry.");
+    describe_gauge!(
+        PLUGIN_QUARANTINED,
+        "1 while a plugin is quarantined (its routes paused after consecutive faults)."
+    );
 }
 
 /// The `install_recorder` recorder has no upkeep task of its own; without one, histogram
@@ -247,6 +254,14 @@ pub fn plugin_fault(route: &str, plugin: &str, fault: &PluginFault) {
         "kind" => kind,
     )
     .increment(1);
+}
+
+pub fn plugin_quarantined(plugin: &str, quarantined: bool) {
+    gauge!(PLUGIN_QUARANTINED, "plugin" => plugin.to_owned()).set(if quarantined {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// How a hot deploy of a plugin ended.

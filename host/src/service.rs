@@ -76,6 +76,7 @@ impl Service {
             poll_interval: dispatch.poll_interval,
             listen: dispatch.listen,
             shutdown_deadline: dispatch.shutdown_deadline,
+            quarantine_after: dispatch.quarantine_after,
         };
         let dispatcher = Dispatcher::new(store, table, plugins.clone(), runtime.clone(), settings);
         Ok(Service {

@@ -177,6 +177,7 @@ async fn the_api_shows_events_and_redrives_dead_letters() {
             owner: "t".into(),
             limit: 10,
             lease: Duration::from_secs(60),
+            paused_routes: Vec::new(),
         })
         .await
         .expect("claim");
@@ -369,4 +370,32 @@ async fn readiness_needs_every_routes_plugin() {
         .await
         .expect("healthz");
     assert_eq!(alive.status(), 200);
+}
+
+#[tokio::test]
+async fn resume_lifts_a_quarantine_and_needs_the_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = sqlite_store(&dir).await;
+    let admin = start(store.clone(), Some("t0ken")).await;
+    let client = reqwest::Client::new();
+    let resume = |token: Option<&str>| {
+        let mut request = client.post(format!("{}/api/plugins/echo/resume", admin.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    store
+        .quarantine("echo", "3 consecutive faults; last: plugin trapped: x", 3)
+        .await
+        .expect("quarantine");
+    assert_eq!(resume(None).await.expect("post").status(), 401);
+    assert_eq!(store.quarantined().await.expect("list").len(), 1);
+    assert_eq!(resume(Some("t0ken")).await.expect("post").status(), 200);
+    assert!(store.quarantined().await.expect("list").is_empty());
+    let again = resume(Some("t0ken")).await.expect("post");
+    assert_eq!(again.status(), 404);
+    let body: serde_json::Value =
+        serde_json::from_slice(&again.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["error"], "plugin 'echo' is not quarantined");
 }

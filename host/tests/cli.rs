@@ -809,3 +809,36 @@ fn plugins_deploy_checks_the_file_and_list_shows_it() {
     assert!(!traversal.status.success());
     assert!(!dir.path().join("evil.wasm").exists());
 }
+
+#[tokio::test]
+async fn plugins_resume_lifts_a_quarantine_and_list_shows_it() {
+    let dir = initialised();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let store = herald::store::open_migrated(&url).await.expect("store");
+    std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
+    let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    std::fs::copy(plugins.join("echo.wasm"), dir.path().join("plugins/echo.wasm"))
+        .expect("echo.wasm (run tests/build-plugins)");
+    assert!(store
+        .quarantine("echo", "10 consecutive faults; last: plugin trapped: boom", 10)
+        .await
+        .expect("quarantine"));
+
+    let listed = json(&ok(run(dir.path(), &["--json", "plugins", "list"])));
+    assert_eq!(listed[0]["name"], "echo");
+    assert_eq!(listed[0]["quarantine"]["faults"], 10);
+    let table = ok(run(dir.path(), &["plugins", "list"]));
+    assert!(table.contains("QUARANTINED since"), "{table}");
+
+    let resumed = ok(run(dir.path(), &["plugins", "resume", "echo"]));
+    assert!(resumed.starts_with("echo resumed"), "{resumed}");
+    assert!(store.quarantined().await.expect("list").is_empty());
+    let listed = json(&ok(run(dir.path(), &["--json", "plugins", "list"])));
+    assert!(listed[0]["quarantine"].is_null(), "{listed}");
+
+    let again = fails(run(dir.path(), &["plugins", "resume", "echo"]));
+    assert!(
+        again.contains("plugin 'echo' is not quarantined (quarantined: none)"),
+        "{again}"
+    );
+}

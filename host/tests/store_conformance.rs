@@ -109,6 +109,7 @@ fn claim_request(owner: &str, limit: u32) -> ClaimRequest {
         owner: owner.into(),
         limit,
         lease: Duration::from_secs(60),
+        paused_routes: Vec::new(),
     }
 }
 
@@ -430,6 +431,7 @@ async fn a_zero_lease_expires_at_once(f: &Fixture) {
         owner: "alpha".into(),
         limit: 10,
         lease: Duration::ZERO,
+        paused_routes: Vec::new(),
     };
     assert_eq!(f.store.claim(&request).await.expect("claim").len(), 1);
     assert_eq!(claim(f, "beta", 10).await.len(), 1);
@@ -931,6 +933,7 @@ async fn renewal_keeps_a_lease_alive_only_for_its_owner(f: &Fixture) {
         owner: "alpha".into(),
         limit: 10,
         lease: Duration::ZERO,
+        paused_routes: Vec::new(),
     };
     let batch = f.store.claim(&short).await.expect("claim");
     let ids = [batch[0].delivery_id];
@@ -1104,6 +1107,47 @@ async fn migrate_is_idempotent_and_schema_checks_pass(f: &Fixture) {
     f.store.check_schema().await.expect("schema is current");
 }
 
+async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
+    // payment.* goes to "ledger" and "audit": pausing "ledger" leaves "audit" flowing.
+    f.store
+        .append(&NewEvent::new("payment.captured", "payment", "p1", json!({})))
+        .await
+        .expect("append");
+    f.store.fan_out(100, &router).await.expect("fan out");
+    let paused = ClaimRequest {
+        paused_routes: vec!["ledger".into()],
+        ..claim_request("w", 10)
+    };
+    let claimed = f.store.claim(&paused).await.expect("claim");
+    let routes: Vec<&str> = claimed.iter().map(|c| c.route.as_str()).collect();
+    assert_eq!(routes, ["audit"]);
+    assert!(f.store.claim(&paused).await.expect("claim").is_empty());
+    let resumed = claim(f, "w", 10).await;
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].route, "ledger");
+
+    // The verdict: the first instance to reach it records it, the others find it there.
+    assert!(f.store.quarantined().await.expect("list").is_empty());
+    assert!(f
+        .store
+        .quarantine("webhook", "10 consecutive faults; last: plugin trapped: x", 10)
+        .await
+        .expect("quarantine"));
+    assert!(!f
+        .store
+        .quarantine("webhook", "again", 11)
+        .await
+        .expect("quarantine again"));
+    let listed = f.store.quarantined().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].plugin, "webhook");
+    assert_eq!(listed[0].faults, 10);
+    assert!(listed[0].reason.ends_with("plugin trapped: x"), "{listed:?}");
+    assert!(f.store.resume("webhook").await.expect("resume"));
+    assert!(!f.store.resume("webhook").await.expect("resume twice"));
+    assert!(f.store.quarantined().await.expect("list").is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 
 macro_rules! on_both_backends {
@@ -1162,4 +1206,5 @@ on_both_backends!(
     a_batch_of_mixed_outcomes_settles_each_event,
     concurrent_batches_on_the_same_events_both_count,
     repeated_keys_within_one_fan_out_batch,
+    a_quarantined_plugins_routes_are_left_unclaimed,
 );

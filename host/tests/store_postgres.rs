@@ -31,6 +31,7 @@ async fn deliver_everything(store: &dyn EventStore, owner: &str) -> Vec<i64> {
         owner: owner.into(),
         limit: 100,
         lease: Duration::from_secs(60),
+        paused_routes: Vec::new(),
     };
     let claimed = store.claim(&request).await.expect("claim");
     let completions: Vec<Completion> = claimed
@@ -125,6 +126,7 @@ async fn two_instances_share_a_backlog_without_double_claims() {
                     owner: owner.into(),
                     limit: 16,
                     lease: Duration::from_secs(60),
+                    paused_routes: Vec::new(),
                 };
                 let claimed = store.claim(&request).await.expect("claim");
                 if claimed.is_empty() {

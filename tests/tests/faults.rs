@@ -12,7 +12,7 @@ use common::Herald;
 use herald::store::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport,
-    Instance, NewEvent, RedriveSelection, Router, StoreError, StoreResult,
+    Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
 };
 use herald_tests::sink::Sink;
 use serde_json::json;
@@ -182,6 +182,15 @@ impl EventStore for CrashBeforeCommit {
     }
     async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>> {
         self.inner.instances(within).await
+    }
+    async fn quarantine(&self, plugin: &str, reason: &str, faults: u32) -> StoreResult<bool> {
+        self.inner.quarantine(plugin, reason, faults).await
+    }
+    async fn quarantined(&self) -> StoreResult<Vec<Quarantine>> {
+        self.inner.quarantined().await
+    }
+    async fn resume(&self, plugin: &str) -> StoreResult<bool> {
+        self.inner.resume(plugin).await
     }
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {
         self.inner.list_events(filter).await

@@ -42,6 +42,7 @@ pub(super) fn router() -> Router<Arc<AdminState>> {
             put(upload_plugin).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
         )
         .route("/plugins/{name}/rollback", post(rollback_plugin))
+        .route("/plugins/{name}/resume", post(resume_plugin))
         .route("/instances", get(instances))
 }
 
@@ -221,6 +222,7 @@ async fn plugins(State(state): State<Arc<AdminState>>) -> ApiResult {
     let Some(registry) = &state.plugins else {
         return Ok(Json(Value::Array(Vec::new())));
     };
+    let quarantined = state.store.quarantined().await?;
     let plugins: Vec<Value> = registry
         .names()
         .iter()
@@ -233,6 +235,7 @@ async fn plugins(State(state): State<Arc<AdminState>>) -> ApiResult {
                 "declared_version": plugin.info.version,
                 "event_types": plugin.info.event_types,
                 "routes": state.routes.iter().filter(|r| r.plugin == plugin.name).map(|r| r.name.clone()).collect::<Vec<_>>(),
+                "quarantine": quarantined.iter().find(|q| q.plugin == plugin.name),
             })
         })
         .collect();
@@ -322,4 +325,20 @@ async fn rollback_plugin(
         .rollback(&name, request.to.as_deref())
         .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
     Ok(Json(json!({ "plugin": name, "version": version })))
+}
+
+/// `POST /api/plugins/NAME/resume`: lift a quarantine; the routes claim again within a
+/// second on every instance.
+async fn resume_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    if state.store.resume(&name).await? {
+        Ok(Json(json!({ "plugin": name, "resumed": true })))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("plugin '{name}' is not quarantined"),
+        ))
+    }
 }

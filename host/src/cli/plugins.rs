@@ -1,5 +1,5 @@
-//! `herald plugins list|deploy|rollback`: the plugin directory as ops see it. A running
-//! `herald serve` picks every change up by itself.
+//! `herald plugins list|deploy|rollback|resume`: the plugin directory as ops see it, and
+//! quarantines. A running `herald serve` picks every change up by itself.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,13 @@ pub enum PluginsCommand {
     Deploy(DeployArgs),
     /// Put the previous version (or --to HASH) back
     Rollback(RollbackArgs),
+    /// Lift a quarantine (routes paused after consecutive faults): its routes claim again
+    Resume(ResumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +64,12 @@ pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result
                 .filter(|name| !name.starts_with('.'))
                 .collect();
             names.sort();
+            // The directory alone answers the rest, so a store that cannot be reached only
+            // leaves the quarantine column unknown.
+            let quarantined = match context::open_existing_store(global).await {
+                Ok(store) => store.quarantined().await.map_err(anyhow::Error::from),
+                Err(err) => Err(err),
+            };
             let rows: Vec<serde_json::Value> = names
                 .iter()
                 .map(|name| {
@@ -80,15 +93,32 @@ pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result
                         "deployed_at": deployed_at,
                         "versions_kept": history.iter().map(|d| d.version.clone()).collect::<std::collections::BTreeSet<_>>().len(),
                         "routes": routes,
+                        "quarantine": match &quarantined {
+                            Ok(all) => json!(all.iter().find(|q| &q.plugin == name)),
+                            Err(err) => json!({ "unknown": format!("{err:#}") }),
+                        },
                     })
                 })
                 .collect();
             if global.json {
                 return output::json(&rows);
             }
-            let mut table = output::new_table(["PLUGIN", "VERSION", "DEPLOYED", "ROUTES"]);
+            let mut table =
+                output::new_table(["PLUGIN", "VERSION", "DEPLOYED", "ROUTES", "STATUS"]);
             for row in &rows {
                 let version = row["version"].as_str().unwrap_or("-");
+                let quarantine = &row["quarantine"];
+                let status = if quarantine.is_null() {
+                    "active".to_string()
+                } else if let Some(unknown) = quarantine["unknown"].as_str() {
+                    format!("unknown ({unknown})")
+                } else {
+                    format!(
+                        "QUARANTINED since {}: {}",
+                        quarantine["since"].as_str().unwrap_or("?"),
+                        quarantine["reason"].as_str().unwrap_or("?")
+                    )
+                };
                 table.add_row([
                     Cell::new(row["name"].as_str().unwrap_or_default()),
                     Cell::new(version.get(..19).unwrap_or(version)),
@@ -104,6 +134,7 @@ pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result
                             })
                             .unwrap_or_default(),
                     ),
+                    Cell::new(status),
                 ]);
             }
             Ok(output::finish(&table))
@@ -135,6 +166,33 @@ pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result
                 return output::json(&json!({ "plugin": args.name, "version": version }));
             }
             Ok(format!("{} rolled back to {version}\n", args.name))
+        }
+        PluginsCommand::Resume(args) => {
+            let store = context::open_existing_store(global).await?;
+            if !store.resume(&args.name).await? {
+                let quarantined: Vec<String> = store
+                    .quarantined()
+                    .await?
+                    .into_iter()
+                    .map(|q| q.plugin)
+                    .collect();
+                anyhow::bail!(
+                    "plugin '{}' is not quarantined (quarantined: {})",
+                    args.name,
+                    if quarantined.is_empty() {
+                        "none".to_string()
+                    } else {
+                        quarantined.join(", ")
+                    }
+                );
+            }
+            if global.json {
+                return output::json(&json!({ "plugin": args.name, "resumed": true }));
+            }
+            Ok(format!(
+                "{} resumed: its routes claim again within a second\n",
+                args.name
+            ))
         }
     }
 }

@@ -17,6 +17,7 @@ pub const OVERRIDES: &[&str] = &[
     "HERALD_DISPATCH_POLL_INTERVAL",
     "HERALD_DISPATCH_LISTEN",
     "HERALD_DISPATCH_SHUTDOWN_DEADLINE",
+    "HERALD_DISPATCH_QUARANTINE_AFTER",
     "HERALD_ADMIN_ENABLED",
     "HERALD_ADMIN_LISTEN",
 ];
@@ -69,6 +70,9 @@ impl Config {
                 "HERALD_DISPATCH_LISTEN" => dispatch.listen = flag(var, value)?,
                 "HERALD_DISPATCH_SHUTDOWN_DEADLINE" => {
                     dispatch.shutdown_deadline = duration(var, value)?
+                }
+                "HERALD_DISPATCH_QUARANTINE_AFTER" => {
+                    dispatch.quarantine_after = number(var, value)?
                 }
                 "HERALD_ADMIN_ENABLED" => admin.enabled = flag(var, value)?,
                 "HERALD_ADMIN_LISTEN" => {

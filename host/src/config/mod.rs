@@ -71,6 +71,9 @@ plugins_dir = "plugins"
 #                          # the leases of any still running are then released
 # listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
 #                          # safety net (a pooler in transaction mode drops notifications)
+# quarantine_after = 10    # consecutive plugin faults (trap, time or memory limit) that
+#                          # pause the plugin's routes until `herald plugins resume NAME`;
+#                          # 0: never
 
 # The admin HTTP server of `herald serve`: /healthz, /readyz and the JSON API under /api.
 [admin]

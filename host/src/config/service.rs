@@ -27,6 +27,8 @@ pub struct DispatchConfig {
     /// are released.
     #[serde(with = "humantime_serde")]
     pub shutdown_deadline: Duration,
+    /// Consecutive plugin faults that quarantine the plugin; 0 never does.
+    pub quarantine_after: u32,
 }
 
 impl Default for DispatchConfig {
@@ -41,6 +43,7 @@ impl Default for DispatchConfig {
             poll_interval: defaults.poll_interval,
             listen: defaults.listen,
             shutdown_deadline: defaults.shutdown_deadline,
+            quarantine_after: defaults.quarantine_after,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! delivery of an entity on an ordered route, so every claimed delivery may run at once.
 
 mod outcome;
+mod quarantine;
 mod recorder;
 mod retry;
 
@@ -20,6 +21,7 @@ use tracing::Instrument;
 pub use outcome::dead_notice;
 pub use retry::{RetryDecision, RetryPolicy};
 
+use quarantine::Quarantines;
 use recorder::Recorder;
 
 use crate::router::Router;
@@ -63,6 +65,9 @@ pub struct DispatchSettings {
     pub listen: bool,
     /// On shutdown, how long attempts in flight may take to finish.
     pub shutdown_deadline: Duration,
+    /// Consecutive faults (traps, time or memory limit) after which a plugin is
+    /// quarantined and its routes pause; 0 never quarantines.
+    pub quarantine_after: u32,
 }
 
 impl Default for DispatchSettings {
@@ -75,6 +80,7 @@ impl Default for DispatchSettings {
             poll_interval: Duration::from_millis(500),
             listen: true,
             shutdown_deadline: Duration::from_secs(30),
+            quarantine_after: 10,
         }
     }
 }
@@ -164,6 +170,7 @@ pub struct Dispatcher {
     /// A delivery task finished (its outcomes are recorded).
     task_done: Arc<Notify>,
     recorder: Recorder,
+    quarantines: Arc<Quarantines>,
 }
 
 impl Dispatcher {
@@ -178,6 +185,7 @@ impl Dispatcher {
         // Before the first delivery, so no count is lost to the no-op recorder.
         crate::metrics::install();
         Dispatcher {
+            quarantines: Arc::new(Quarantines::new(settings.quarantine_after)),
             recorder: Recorder::start(store.clone()),
             store,
             table: RouteSwitch::new(table),
@@ -238,12 +246,17 @@ impl Dispatcher {
             return Ok(0);
         }
         let limit = (self.settings.batch_size as usize).min(free * DELIVERIES_PER_TASK);
+        let paused_routes = self
+            .quarantines
+            .paused_routes(self.store.as_ref(), &self.table.current().routes)
+            .await;
         let claimed = self
             .store
             .claim(&ClaimRequest {
                 owner: self.settings.instance_id.clone(),
                 limit: u32::try_from(limit).unwrap_or(u32::MAX),
                 lease: self.settings.lease,
+                paused_routes,
             })
             .await?;
         let started = claimed.len();
@@ -511,6 +524,8 @@ impl Dispatcher {
 
     fn worker(&self) -> Worker {
         Worker {
+            store: self.store.clone(),
+            quarantines: self.quarantines.clone(),
             recorder: self.recorder.clone(),
             wake: self.wake.clone(),
             routes: self.table.current().routes.clone(),
@@ -591,6 +606,8 @@ async fn heartbeat(
 
 /// Everything one delivery needs, owned so it can run on its own task.
 struct Worker {
+    store: Arc<dyn EventStore>,
+    quarantines: Arc<Quarantines>,
     recorder: Recorder,
     /// Woken when an outcome committed new events (emits, dead notices), so they are
     /// fanned out now rather than at the next poll.
@@ -610,6 +627,15 @@ impl Worker {
         let route = self.routes.get(&first.route);
         let plugin_name = route.map_or("", |route| route.plugin.as_str());
         let decided = self.decide(route, &deliveries).await;
+        if route.is_some() {
+            self.quarantines
+                .observe(
+                    self.store.as_ref(),
+                    plugin_name,
+                    decided.iter().map(|d| d.fault.as_deref()),
+                )
+                .await;
+        }
         let mut completions = Vec::with_capacity(deliveries.len());
         for (delivery, decided) in deliveries.iter().zip(decided) {
             let Decided {
@@ -617,6 +643,7 @@ impl Worker {
                 plugin_version,
                 started_at,
                 duration,
+                fault: _,
             } = decided;
             crate::metrics::attempt_duration(&delivery.route, plugin_name, duration);
             let host_events = match &outcome {
@@ -696,6 +723,7 @@ impl Worker {
             plugin_version: None,
             started_at: Utc::now(),
             duration: Duration::ZERO,
+            fault: None,
         };
         let Some(route) = route else {
             return deliveries
@@ -748,6 +776,7 @@ impl Worker {
                     Some(report) => Decided {
                         started_at: report.started_at,
                         duration: report.duration,
+                        fault: report.outcome.as_ref().err().map(ToString::to_string),
                         outcome: outcome::store_outcome(route, delivery, report),
                         plugin_version: Some(plugin.version.clone()),
                     },
@@ -770,6 +799,8 @@ struct Decided {
     plugin_version: Option<String>,
     started_at: DateTime<Utc>,
     duration: Duration,
+    /// The plugin faulted (rather than deciding an outcome itself): why.
+    fault: Option<String>,
 }
 
 /// Claimed deliveries grouped by route, each group in claim order.

@@ -101,6 +101,16 @@ pub trait EventStore: Send + Sync {
     /// walk a partial index, so a scrape stays cheap while the backlog is small.
     async fn backlog(&self) -> StoreResult<Backlog>;
 
+    /// Quarantine `plugin` unless it already is. Returns whether this call did it, so
+    /// only one instance reports it.
+    async fn quarantine(&self, plugin: &str, reason: &str, faults: u32) -> StoreResult<bool>;
+
+    /// Every quarantined plugin, oldest first.
+    async fn quarantined(&self) -> StoreResult<Vec<Quarantine>>;
+
+    /// Lift a quarantine. Returns whether `plugin` was quarantined.
+    async fn resume(&self, plugin: &str) -> StoreResult<bool>;
+
     /// Give leases back without counting the attempt (graceful shutdown).
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64>;
 
@@ -130,6 +140,13 @@ pub trait EventStore: Send + Sync {
 pub(crate) const BACKLOG_SQL: &str = "SELECT \
      (SELECT count(*) FROM events WHERE event_status = 'READY') AS ready_events, \
      (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry";
+
+/// Quarantine statements; the same SQL on both backends.
+pub(crate) const QUARANTINE_SQL: &str = "INSERT INTO herald_quarantine (plugin, reason, faults) \
+     VALUES ($1, $2, $3) ON CONFLICT (plugin) DO NOTHING";
+pub(crate) const QUARANTINED_SQL: &str =
+    "SELECT plugin, reason, faults, since FROM herald_quarantine ORDER BY since, plugin";
+pub(crate) const RESUME_SQL: &str = "DELETE FROM herald_quarantine WHERE plugin = $1";
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://...`.
 pub async fn open(url: &str, options: OpenOptions) -> StoreResult<Box<dyn EventStore>> {

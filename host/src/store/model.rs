@@ -341,6 +341,8 @@ pub struct ClaimRequest {
     pub owner: String,
     pub limit: u32,
     pub lease: Duration,
+    /// Routes whose deliveries are left alone (their plugin is quarantined).
+    pub paused_routes: Vec<String>,
 }
 
 /// A completed-effect record of the idempotency ledger.
@@ -549,6 +551,17 @@ pub struct Instance {
     pub last_seen: DateTime<Utc>,
     /// Deliveries it holds an unexpired lease on right now.
     pub leases_held: i64,
+}
+
+/// A plugin taken out of service after consecutive faults: its routes claim nothing
+/// until an operator resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quarantine {
+    pub plugin: String,
+    /// The count and the last fault, e.g. "10 consecutive faults; last: plugin trapped: ...".
+    pub reason: String,
+    pub faults: i64,
+    pub since: DateTime<Utc>,
 }
 
 /// Which dead deliveries to send again; with neither field set, all of them.

@@ -24,7 +24,7 @@ use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance,
-    NewEvent, RedriveSelection, Router, StoreError, StoreResult,
+    NewEvent, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -487,6 +487,7 @@ impl EventStore for PostgresStore {
                    SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
                    AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
                    AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
+                 AND NOT (d.route = ANY($4)) \
                ORDER BY d.next_attempt_at, d.delivery_id LIMIT $3 \
                FOR UPDATE SKIP LOCKED), \
              claimed AS (\
@@ -510,6 +511,7 @@ impl EventStore for PostgresStore {
         .bind(&request.owner)
         .bind(request.lease.as_secs_f64())
         .bind(i64::from(request.limit))
+        .bind(&request.paused_routes)
         .fetch_all(&self.pool)
         .await
         .doing("claiming deliveries")?;
@@ -605,6 +607,34 @@ impl EventStore for PostgresStore {
         .await
         .doing("recording a heartbeat")?;
         Ok(())
+    }
+
+    async fn quarantine(&self, plugin: &str, reason: &str, faults: u32) -> StoreResult<bool> {
+        let done = sqlx::query(super::QUARANTINE_SQL)
+            .bind(plugin)
+            .bind(reason)
+            .bind(i64::from(faults))
+            .execute(&self.pool)
+            .await
+            .doing("quarantining a plugin")?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn quarantined(&self) -> StoreResult<Vec<Quarantine>> {
+        let rows = sqlx::query(super::QUARANTINED_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing quarantined plugins")?;
+        rows.iter().map(rows::quarantine).collect()
+    }
+
+    async fn resume(&self, plugin: &str) -> StoreResult<bool> {
+        let done = sqlx::query(super::RESUME_SQL)
+            .bind(plugin)
+            .execute(&self.pool)
+            .await
+            .doing("resuming a plugin")?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn deregister(&self, instance_id: &str) -> StoreResult<()> {

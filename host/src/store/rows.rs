@@ -7,7 +7,7 @@ use super::batch::{DeliveryState, Recorded};
 use super::fan_out::Candidate;
 use super::{
     Attempt, AttemptOutcome, Backlog, ClaimedDelivery, Delivery, DeliveryStatus, Event, EventHead,
-    EventStatus, Instance, LedgerEntry, StoreError, StoreResult,
+    EventStatus, Instance, LedgerEntry, Quarantine, StoreError, StoreResult,
 };
 
 pub(crate) trait StoreRow {
@@ -127,6 +127,16 @@ pub(crate) fn instance(row: &impl StoreRow) -> StoreResult<Instance> {
         started_at: row.time("started_at")?,
         last_seen: row.time("last_seen")?,
         leases_held: row.int("leases_held")?,
+    })
+}
+
+/// A row of [`super::QUARANTINED_SQL`].
+pub(crate) fn quarantine(row: &impl StoreRow) -> StoreResult<Quarantine> {
+    Ok(Quarantine {
+        plugin: row.text("plugin")?,
+        reason: row.text("reason")?,
+        faults: row.int("faults")?,
+        since: row.time("since")?,
     })
 }
 

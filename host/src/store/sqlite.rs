@@ -29,7 +29,7 @@ use super::time::{
 use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance, NewEvent,
-    OpenOptions, RedriveSelection, Router, StoreError, StoreResult,
+    OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -449,12 +449,14 @@ impl EventStore for SqliteStore {
                    SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
                    AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
                    AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
+                 AND d.route NOT IN (SELECT value FROM json_each($4)) \
                ORDER BY d.next_attempt_at, d.delivery_id LIMIT $3) \
              RETURNING delivery_id"
         ))
         .bind(&request.owner)
         .bind(sqlite_offset(request.lease))
         .bind(i64::from(request.limit))
+        .bind(serde_json::Value::from(request.paused_routes.clone()).to_string())
         .fetch_all(&mut *tx)
         .await
         .doing("claiming deliveries")?;
@@ -573,6 +575,34 @@ impl EventStore for SqliteStore {
         .await
         .doing("recording a heartbeat")?;
         Ok(())
+    }
+
+    async fn quarantine(&self, plugin: &str, reason: &str, faults: u32) -> StoreResult<bool> {
+        let done = sqlx::query(super::QUARANTINE_SQL)
+            .bind(plugin)
+            .bind(reason)
+            .bind(i64::from(faults))
+            .execute(&self.pool)
+            .await
+            .doing("quarantining a plugin")?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn quarantined(&self) -> StoreResult<Vec<Quarantine>> {
+        let rows = sqlx::query(super::QUARANTINED_SQL)
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing quarantined plugins")?;
+        rows.iter().map(rows::quarantine).collect()
+    }
+
+    async fn resume(&self, plugin: &str) -> StoreResult<bool> {
+        let done = sqlx::query(super::RESUME_SQL)
+            .bind(plugin)
+            .execute(&self.pool)
+            .await
+            .doing("resuming a plugin")?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn deregister(&self, instance_id: &str) -> StoreResult<()> {
