@@ -76,6 +76,7 @@ impl Service {
             poll_interval: dispatch.poll_interval,
             listen: dispatch.listen,
             shutdown_deadline: dispatch.shutdown_deadline,
+            max_event_bytes: dispatch.max_event_bytes,
         };
         let dispatcher = Dispatcher::new(store, table, plugins.clone(), runtime.clone(), settings);
         Ok(Service {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use herald::admin::{AdminContext, AdminError, AdminServer, AdminSettings, BearerToken};
-use herald::store::{self, EventStore};
+use herald::store::{self, EventStore, FanOutRequest};
 use tokio::sync::watch;
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn EventStore> {
@@ -169,7 +169,9 @@ async fn the_api_shows_events_and_redrives_dead_letters() {
         .await
         .expect("append");
     store
-        .fan_out(10, &|_| vec![RoutePlan::ordered("hooks")])
+        .fan_out(&FanOutRequest::new(10), &|_| {
+            vec![RoutePlan::ordered("hooks")]
+        })
         .await
         .expect("fan out");
     let claimed = store

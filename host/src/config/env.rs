@@ -17,6 +17,7 @@ pub const OVERRIDES: &[&str] = &[
     "HERALD_DISPATCH_POLL_INTERVAL",
     "HERALD_DISPATCH_LISTEN",
     "HERALD_DISPATCH_SHUTDOWN_DEADLINE",
+    "HERALD_DISPATCH_MAX_EVENT_BYTES",
     "HERALD_ADMIN_ENABLED",
     "HERALD_ADMIN_LISTEN",
 ];
@@ -69,6 +70,15 @@ impl Config {
                 "HERALD_DISPATCH_LISTEN" => dispatch.listen = flag(var, value)?,
                 "HERALD_DISPATCH_SHUTDOWN_DEADLINE" => {
                     dispatch.shutdown_deadline = duration(var, value)?
+                }
+                "HERALD_DISPATCH_MAX_EVENT_BYTES" => {
+                    dispatch.max_event_bytes = number(var, value)?;
+                    if let Some(message) = dispatch.problem() {
+                        return Err(ConfigError::Env {
+                            var: var.to_string(),
+                            message,
+                        });
+                    }
                 }
                 "HERALD_ADMIN_ENABLED" => admin.enabled = flag(var, value)?,
                 "HERALD_ADMIN_LISTEN" => {

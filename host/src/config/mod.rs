@@ -71,6 +71,9 @@ plugins_dir = "plugins"
 #                          # the leases of any still running are then released
 # listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
 #                          # safety net (a pooler in transaction mode drops notifications)
+# max_event_bytes = 1048576  # 1 MiB: an event whose event_data or headers is larger is
+#                          # DEAD with its size in status_reason, never handed to a plugin
+#                          # (most brokers and webhook receivers refuse more anyway)
 
 # The admin HTTP server of `herald serve`: /healthz, /readyz and the JSON API under /api.
 [admin]
@@ -239,6 +242,15 @@ impl Config {
                 return Err(located(path, text, store.span().start, err.to_string()));
             }
         }
+        if let Some(problem) = config.dispatch.problem() {
+            return Err(match dispatch_key_offset(text, "max_event_bytes") {
+                Some(offset) => located(path, text, offset, problem),
+                None => ConfigError::InvalidUnlocated {
+                    path: path.to_path_buf(),
+                    message: problem,
+                },
+            });
+        }
         let mut names = std::collections::HashSet::new();
         for route in &config.routes {
             let problem = route.get_ref().problem(config.dispatch.lease).or_else(|| {
@@ -344,6 +356,27 @@ fn located(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
         column,
         message,
     }
+}
+
+/// Where `key` is set in the `[dispatch]` table, as a byte offset, for a located error
+/// (the table is read without spans; its keys are plain, so their line is easy to find).
+fn dispatch_key_offset(text: &str, key: &str) -> Option<usize> {
+    let mut in_dispatch = false;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            in_dispatch = trimmed.trim_end().trim_end_matches(|c| c != ']') == "[dispatch]";
+        } else if in_dispatch
+            && trimmed
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(offset + (line.len() - trimmed.len()));
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// 1-based line and column (in characters) of a byte offset.

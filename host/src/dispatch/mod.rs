@@ -25,8 +25,8 @@ use recorder::Recorder;
 use crate::router::Router;
 use crate::runtime::{Event as PluginEvent, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::{
-    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport, Outcome,
-    StoreError,
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport,
+    FanOutRequest, Outcome, StoreError,
 };
 
 /// Most deliveries one task runs in a row (in one plugin instance, when the route lets an
@@ -63,6 +63,8 @@ pub struct DispatchSettings {
     pub listen: bool,
     /// On shutdown, how long attempts in flight may take to finish.
     pub shutdown_deadline: Duration,
+    /// Events whose payload or headers are larger are DEAD at fan-out, unread.
+    pub max_event_bytes: u64,
 }
 
 impl Default for DispatchSettings {
@@ -75,6 +77,7 @@ impl Default for DispatchSettings {
             poll_interval: Duration::from_millis(500),
             listen: true,
             shutdown_deadline: Duration::from_secs(30),
+            max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -218,9 +221,13 @@ impl Dispatcher {
         let table = self.table.current();
         let report = self
             .store
-            .fan_out(self.settings.batch_size, &|head| {
-                table.router.plans_for(head)
-            })
+            .fan_out(
+                &FanOutRequest {
+                    limit: self.settings.batch_size,
+                    max_event_bytes: self.settings.max_event_bytes,
+                },
+                &|head| table.router.plans_for(head),
+            )
             .await?;
         crate::metrics::fanned_out(&report);
         if report.deliveries > 0 {
