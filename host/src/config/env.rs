@@ -127,6 +127,24 @@ mod tests {
     }
 
     #[test]
+    fn the_event_size_limit_can_be_overridden_but_not_to_zero() {
+        let mut config = Config::default();
+        config
+            .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "2048")]))
+            .expect("valid override");
+        assert_eq!(config.dispatch().max_event_bytes, 2048);
+        let err = config
+            .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "0")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("environment variable HERALD_DISPATCH_MAX_EVENT_BYTES: [dispatch] max_event_bytes must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_bad_override_names_the_variable() {
         let mut config = Config::default();
         let err = config

@@ -572,6 +572,29 @@ mod tests {
     }
 
     #[test]
+    fn the_event_size_limit_defaults_to_one_mebibyte_and_zero_is_refused() {
+        let config = parse("").expect("parses");
+        assert_eq!(config.dispatch().max_event_bytes, 1 << 20);
+        let config = parse("[dispatch]\nmax_event_bytes = 4096\n").expect("parses");
+        assert_eq!(config.dispatch().max_event_bytes, 4096);
+        let err =
+            parse("store = \"sqlite://x.db\"\n\n[dispatch] # limits\n  max_event_bytes = 0\n")
+                .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("herald.toml:4:3: [dispatch] max_event_bytes must be at least 1 (0 would refuse every event)")
+        );
+        let err = parse("[dispatch]\nmax_event_bytes = -1\n")
+            .err()
+            .unwrap_or_default();
+        assert!(err.starts_with("herald.toml:2:"), "{err}");
+        let err = parse("[dispatch]\nmax_event_bytes = \"1MiB\"\n")
+            .err()
+            .unwrap_or_default();
+        assert!(err.starts_with("herald.toml:2:"), "{err}");
+    }
+
+    #[test]
     fn columns_count_characters() {
         assert_eq!(line_and_column("a\nbé c", 5), (2, 3));
         assert_eq!(line_and_column("", 10), (1, 1));
