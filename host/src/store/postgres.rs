@@ -118,7 +118,8 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
 /// transaction, so a failed pass leaves them new). Only while holding the fan-out lock:
 /// when another instance holds it, nothing is taken (its pass covers these events). The
 /// lock is taken in the same statement, which saves a round trip on every pass.
-/// A payload over the size limit is measured in the database and not sent over.
+/// A payload over the size limit is measured in the database (as the text a plugin would
+/// get, converted once) and not sent over.
 async fn take_candidates(
     conn: &mut PgConnection,
     request: &FanOutRequest,
@@ -126,16 +127,16 @@ async fn take_candidates(
     let rows = sqlx::query(
         "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held) \
          UPDATE events e SET fanned_out = TRUE FROM (\
-           SELECT event_id FROM events, turn \
+           SELECT event_id, event_data::text AS data, headers::text AS headers \
+           FROM events, turn \
            WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
            ORDER BY event_id LIMIT $1) AS new \
          WHERE e.event_id = new.event_id \
          RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
-           coalesce(octet_length(e.event_data::text), 0)::bigint AS event_data_bytes, \
-           CASE WHEN octet_length(e.event_data::text) <= $3 \
-             THEN e.event_data::text END AS event_data, \
-           coalesce(octet_length(e.headers::text), 0)::bigint AS headers_bytes, \
-           CASE WHEN octet_length(e.headers::text) <= $3 THEN e.headers::text END AS headers, \
+           coalesce(octet_length(new.data), 0)::bigint AS event_data_bytes, \
+           CASE WHEN octet_length(new.data) <= $3 THEN new.data END AS event_data, \
+           coalesce(octet_length(new.headers), 0)::bigint AS headers_bytes, \
+           CASE WHEN octet_length(new.headers) <= $3 THEN new.headers END AS headers, \
            e.idempotency_key, e.created_at",
     )
     .bind(i64::from(request.limit))
