@@ -77,6 +77,7 @@ impl Service {
             listen: dispatch.listen,
             shutdown_deadline: dispatch.shutdown_deadline,
             quarantine_after: dispatch.quarantine_after,
+            max_event_bytes: dispatch.max_event_bytes,
         };
         let dispatcher = Dispatcher::new(store, table, plugins.clone(), runtime.clone(), settings);
         Ok(Service {

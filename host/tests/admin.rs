@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use herald::admin::{AdminContext, AdminError, AdminServer, AdminSettings, BearerToken};
-use herald::store::{self, EventStore};
+use herald::store::{self, EventStore, FanOutRequest};
 use tokio::sync::watch;
 
 async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn EventStore> {
@@ -169,7 +169,9 @@ async fn the_api_shows_events_and_redrives_dead_letters() {
         .await
         .expect("append");
     store
-        .fan_out(10, &|_| vec![RoutePlan::ordered("hooks")])
+        .fan_out(&FanOutRequest::new(10), &|_| {
+            vec![RoutePlan::ordered("hooks")]
+        })
         .await
         .expect("fan out");
     let claimed = store
@@ -245,45 +247,107 @@ async fn the_api_shows_events_and_redrives_dead_letters() {
     assert_eq!(dead.as_array().map(Vec::len), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugin_uploads_are_checked_before_anything_changes() {
-    use herald::admin::Deploys;
-    use herald::runtime::{EngineSettings, PluginRegistry, PluginRuntime};
+/// An admin server that takes plugin uploads into its own plugins directory.
+struct UploadServer {
+    base: String,
+    client: reqwest::Client,
+    registry: Arc<herald::runtime::PluginRegistry>,
+    plugins_dir: std::path::PathBuf,
+    /// The built echo plugin.
+    echo: Vec<u8>,
+    dir: tempfile::TempDir,
+    _stop: watch::Sender<bool>,
+}
 
-    let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    let echo = std::fs::read(built.join("echo.wasm")).expect("echo.wasm (run tests/build-plugins)");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let plugins_dir = dir.path().join("plugins");
-    let store = sqlite_store(&dir).await;
-    let registry = Arc::new(PluginRegistry::default());
-    let runtime = Arc::new(PluginRuntime::new(EngineSettings::default()).expect("runtime"));
-    let settings = AdminSettings {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        token: BearerToken::new("t0ken"),
-    };
-    let context = AdminContext {
-        store,
-        plugins: Some(registry.clone()),
-        routes: Vec::new(),
-        deploys: Some(Deploys {
-            runtime,
-            plugins_dir: plugins_dir.clone(),
-        }),
-    };
-    let server = AdminServer::bind(settings, context).await.expect("bind");
-    let base = format!("http://{}", server.local_addr().expect("addr"));
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(server.run(stopped));
-    let client = reqwest::Client::new();
-    let put = |name: &str, body: Vec<u8>, token: Option<&str>| {
-        let mut request = client.put(format!("{base}/api/plugins/{name}")).body(body);
+impl UploadServer {
+    async fn start() -> UploadServer {
+        use herald::admin::Deploys;
+        use herald::runtime::{EngineSettings, PluginRegistry, PluginRuntime};
+
+        let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+        let echo =
+            std::fs::read(built.join("echo.wasm")).expect("echo.wasm (run tests/build-plugins)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plugins_dir = dir.path().join("plugins");
+        let store = sqlite_store(&dir).await;
+        let registry = Arc::new(PluginRegistry::default());
+        let runtime = Arc::new(PluginRuntime::new(EngineSettings::default()).expect("runtime"));
+        let settings = AdminSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: BearerToken::new("t0ken"),
+        };
+        let context = AdminContext {
+            store,
+            plugins: Some(registry.clone()),
+            routes: Vec::new(),
+            deploys: Some(Deploys {
+                runtime,
+                plugins_dir: plugins_dir.clone(),
+            }),
+        };
+        let server = AdminServer::bind(settings, context).await.expect("bind");
+        let base = format!("http://{}", server.local_addr().expect("addr"));
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(server.run(stopped));
+        UploadServer {
+            base,
+            client: reqwest::Client::new(),
+            registry,
+            plugins_dir,
+            echo,
+            dir,
+            _stop: stop,
+        }
+    }
+
+    /// `PUT /api/plugins/NAME`; `name` goes into the URL as given (already escaped).
+    async fn put(
+        &self,
+        name: &str,
+        body: Vec<u8>,
+        token: Option<&str>,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut request = self
+            .client
+            .put(format!("{}/api/plugins/{name}", self.base))
+            .body(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        request.send()
-    };
+        request.send().await
+    }
 
-    let anonymous = put("echo", echo.clone(), None).await.expect("put");
+    /// Every file under the temporary directory but the store, with its content: what a
+    /// refused request must leave as it was.
+    fn snapshot(&self) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if !entry.file_name().to_string_lossy().starts_with("herald.db") {
+                    out.push((path.clone(), std::fs::read(&path).unwrap_or_default()));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(self.dir.path(), &mut files);
+        files.sort();
+        files
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_uploads_are_checked_before_anything_changes() {
+    let server = UploadServer::start().await;
+    let echo = server.echo.clone();
+    let registry = server.registry.clone();
+    let plugins_dir = server.plugins_dir.clone();
+
+    let anonymous = server.put("echo", echo.clone(), None).await.expect("put");
     assert_eq!(anonymous.status(), 401);
     // Refused before its body was read: the connection closes, and the answer says so.
     assert_eq!(
@@ -293,19 +357,23 @@ async fn plugin_uploads_are_checked_before_anything_changes() {
             .map(|v| v.as_bytes()),
         Some(&b"close"[..])
     );
-    let garbage = put("echo", b"\0asm but not really".to_vec(), Some("t0ken"))
+    let garbage = server
+        .put("echo", b"\0asm but not really".to_vec(), Some("t0ken"))
         .await
         .expect("put");
     assert_eq!(garbage.status(), 422);
-    let not_wasm = put("echo", b"#!/bin/sh".to_vec(), Some("t0ken"))
+    let not_wasm = server
+        .put("echo", b"#!/bin/sh".to_vec(), Some("t0ken"))
         .await
         .expect("put");
     assert_eq!(not_wasm.status(), 422);
-    let traversal = put("..%2Fevil", echo.clone(), Some("t0ken"))
+    let traversal = server
+        .put("..%2Fevil", echo.clone(), Some("t0ken"))
         .await
         .expect("put");
     assert_eq!(traversal.status(), 400);
-    let too_big = put("echo", vec![0u8; (64 << 20) + 1], Some("t0ken"))
+    let too_big = server
+        .put("echo", vec![0u8; (64 << 20) + 1], Some("t0ken"))
         .await
         .expect("put");
     assert_eq!(too_big.status(), 413);
@@ -315,7 +383,10 @@ async fn plugin_uploads_are_checked_before_anything_changes() {
         "nothing was installed"
     );
 
-    let deployed = put("echo", echo.clone(), Some("t0ken")).await.expect("put");
+    let deployed = server
+        .put("echo", echo.clone(), Some("t0ken"))
+        .await
+        .expect("put");
     assert_eq!(deployed.status(), 200);
     let running = registry.get("echo").expect("echo in service");
     assert_eq!(
@@ -398,4 +469,82 @@ async fn resume_lifts_a_quarantine_and_needs_the_token() {
     let body: serde_json::Value =
         serde_json::from_slice(&again.bytes().await.expect("body")).expect("json");
     assert_eq!(body["error"], "plugin 'echo' is not quarantined");
+}
+
+/// Over a running plugin, every bad upload is refused and leaves the running version,
+/// the installed file and the kept versions as they were; names that try to leave the
+/// plugins directory are refused, for uploads and rollbacks alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_and_hostile_names_change_nothing() {
+    let server = UploadServer::start().await;
+    let token = Some("t0ken");
+    let deployed = server
+        .put("echo", server.echo.clone(), token)
+        .await
+        .expect("put");
+    assert_eq!(deployed.status(), 200);
+    let running = server
+        .registry
+        .get("echo")
+        .expect("echo runs")
+        .version
+        .clone();
+    let before = server.snapshot();
+    assert!(!before.is_empty());
+
+    let mut truncated = server.echo.clone();
+    truncated.truncate(server.echo.len() / 2);
+    let mut corrupted = server.echo.clone();
+    corrupted[8..64].fill(0xff);
+    let refused: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("not wasm", b"<?php system($_GET['c']); ?>".to_vec(), 422),
+        ("empty", Vec::new(), 422),
+        ("truncated", truncated, 422),
+        ("corrupted", corrupted, 422),
+        // A valid core module, not a component of this interface.
+        ("core module", b"\0asm\x01\0\0\0".to_vec(), 422),
+        ("too big", vec![0u8; (64 << 20) + 1], 413),
+    ];
+    for (what, body, status) in refused {
+        let answer = server.put("echo", body, token).await.expect("put");
+        assert_eq!(answer.status().as_u16(), status, "{what}");
+        assert_eq!(
+            server.registry.get("echo").map(|p| p.version.clone()),
+            Some(running.clone()),
+            "{what} replaced the running version"
+        );
+        assert_eq!(server.snapshot(), before, "{what} changed a file");
+    }
+
+    for name in [
+        "..%2Fevil",
+        "..%2F..%2Fherald.db",
+        "..%5Cevil",
+        ".hidden",
+        "echo%00",
+        "echo.wasm",
+        "ECHO",
+        "-rf",
+        "%2Fetc%2Fpasswd",
+    ] {
+        let answer = server
+            .put(name, server.echo.clone(), token)
+            .await
+            .expect("put");
+        assert_eq!(answer.status().as_u16(), 400, "{name}");
+        let rollback = server
+            .client
+            .post(format!("{}/api/plugins/{name}/rollback", server.base))
+            .bearer_auth("t0ken")
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(rollback.status().as_u16(), 400, "rollback of {name}");
+        assert_eq!(server.snapshot(), before, "{name} changed a file");
+    }
+    assert_eq!(
+        server.registry.names(),
+        vec!["echo".to_string()],
+        "nothing else was put in service"
+    );
 }

@@ -817,10 +817,17 @@ async fn plugins_resume_lifts_a_quarantine_and_list_shows_it() {
     let store = herald::store::open_migrated(&url).await.expect("store");
     std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    std::fs::copy(plugins.join("echo.wasm"), dir.path().join("plugins/echo.wasm"))
-        .expect("echo.wasm (run tests/build-plugins)");
+    std::fs::copy(
+        plugins.join("echo.wasm"),
+        dir.path().join("plugins/echo.wasm"),
+    )
+    .expect("echo.wasm (run tests/build-plugins)");
     assert!(store
-        .quarantine("echo", "10 consecutive faults; last: plugin trapped: boom", 10)
+        .quarantine(
+            "echo",
+            "10 consecutive faults; last: plugin trapped: boom",
+            10
+        )
         .await
         .expect("quarantine"));
 

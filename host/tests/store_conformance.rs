@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use herald::store::{
     self, ClaimRequest, Completion, CompletionResult, DeliveryFilter, DeliveryStatus, EventFilter,
-    EventHead, EventStatus, EventStore, NewEvent, OpenOptions, Outcome, RoutePlan,
+    EventHead, EventStatus, EventStore, FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
 };
 use herald_tests::PgSchema;
 use serde_json::json;
@@ -36,6 +36,35 @@ impl Fixture {
                 .map(|r| r.rows_affected()),
         };
         result.unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    /// A producer's INSERT that the database may refuse; the error as text.
+    async fn try_exec(&self, sql: &str) -> Result<u64, String> {
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Raw::Postgres(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .map_err(|err| err.to_string())
+    }
+
+    /// Insert one event row as a producer would, returning its id.
+    async fn insert(&self, columns: &str, values: &str) -> i64 {
+        let sql = format!("INSERT INTO events ({columns}) VALUES ({values}) RETURNING event_id");
+        let result = match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        };
+        result.unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    fn is_sqlite(&self) -> bool {
+        matches!(self.raw, Raw::Sqlite(_))
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -227,7 +256,11 @@ async fn producer_inserts_only_the_seed_columns(f: &Fixture) {
         .expect("list");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_status, EventStatus::Ready);
-    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    let report = f
+        .store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     assert_eq!(report.routed, 1);
     let claimed = claim(f, "a", 10).await;
     assert_eq!(claimed.len(), 1);
@@ -271,7 +304,11 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     )
     .await;
 
-    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    let report = f
+        .store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     assert_eq!(
         (
             report.routed,
@@ -329,7 +366,7 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     // A second pass finds nothing new: routed events are not routed twice.
     assert_eq!(
         f.store
-            .fan_out(100, &router)
+            .fan_out(&FanOutRequest::new(100), &router)
             .await
             .expect("fan out")
             .events(),
@@ -351,13 +388,20 @@ async fn late_duplicate_of_an_already_handled_key(f: &Fixture) {
         .append(&order("o-1", 1).with_key("k"))
         .await
         .expect("append");
-    f.store.fan_out(100, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     let second = f
         .store
         .append(&order("o-2", 2).with_key("k"))
         .await
         .expect("append");
-    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    let report = f
+        .store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     assert_eq!(report.duplicates, 1);
     let (status, reason) = status_of(f, second).await;
     assert_eq!(status, EventStatus::Duplicate);
@@ -371,7 +415,10 @@ async fn concurrent_claimers_never_share_a_delivery(f: &Fixture) {
         .map(|n| NewEvent::new("bulk.item", "item", format!("i-{n}"), json!({ "n": n })))
         .collect();
     f.store.append_batch(&events).await.expect("append");
-    f.store.fan_out(1000, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(1000), &router)
+        .await
+        .expect("fan out");
 
     let mut seen = HashSet::new();
     loop {
@@ -392,7 +439,10 @@ async fn concurrent_claimers_never_share_a_delivery(f: &Fixture) {
 
 async fn a_live_lease_holds_and_an_expired_one_is_taken_over(f: &Fixture) {
     f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let first = claim(f, "alpha", 10).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
@@ -426,7 +476,10 @@ async fn a_live_lease_holds_and_an_expired_one_is_taken_over(f: &Fixture) {
 
 async fn a_zero_lease_expires_at_once(f: &Fixture) {
     f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let request = ClaimRequest {
         owner: "alpha".into(),
         limit: 10,
@@ -439,7 +492,10 @@ async fn a_zero_lease_expires_at_once(f: &Fixture) {
 
 async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let claimed = claim(f, "alpha", 10).await;
     let follow_up = NewEvent::new(
         "invoice.requested",
@@ -494,7 +550,10 @@ async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture)
 
 async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let claimed = claim(f, "alpha", 10).await;
     complete_one(f, &claimed[0], "alpha", Outcome::delivered()).await;
     assert!(claimed[0].already_completed.is_none());
@@ -511,7 +570,10 @@ async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
 
 async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let first = claim(f, "alpha", 10).await;
     complete_one(
         f,
@@ -560,7 +622,10 @@ async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
 
 async fn dead_is_final_and_listed(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let claimed = claim(f, "alpha", 10).await;
     let mut completion = Completion::for_claim(
         &claimed[0],
@@ -614,7 +679,10 @@ async fn redrive_sends_dead_deliveries_again(f: &Fixture) {
         ])
         .await
         .expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(batch.len(), 4);
     for delivery in &batch {
@@ -677,7 +745,10 @@ async fn later_events_of_an_entity_wait_for_earlier_ones(f: &Fixture) {
     let a1 = f.store.append(&order("A", 1)).await.expect("append");
     let a2 = f.store.append(&order("A", 2)).await.expect("append");
     let b1 = f.store.append(&order("B", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
 
     let batch = claim(f, "alpha", 10).await;
     let ids: HashSet<i64> = batch.iter().map(|d| d.event.event_id).collect();
@@ -729,7 +800,10 @@ async fn unordered_routes_do_not_wait(f: &Fixture) {
             .await
             .expect("append");
     }
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 10).await;
     let per_route = |route: &str| batch.iter().filter(|d| d.route == route).count();
     assert_eq!(
@@ -749,7 +823,10 @@ async fn a_lost_lease_in_a_batch_writes_nothing_for_it(f: &Fixture) {
         .append_batch(&[order("A", 1), order("B", 1)])
         .await
         .expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(batch.len(), 2);
     let mut stale = Completion::for_claim(
@@ -793,7 +870,11 @@ async fn a_batch_of_mixed_outcomes_settles_each_event(f: &Fixture) {
         ));
     }
     let ids = f.store.append_batch(&events).await.expect("append");
-    let fanned = f.store.fan_out(100, &router).await.expect("fan out");
+    let fanned = f
+        .store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     assert_eq!(fanned.deliveries, 80);
     let batch = claim(f, "alpha", 100).await;
     assert_eq!(batch.len(), 80);
@@ -854,7 +935,10 @@ async fn concurrent_batches_on_the_same_events_both_count(f: &Fixture) {
         .map(|n| NewEvent::new("payment.captured", "payment", format!("P{n}"), json!({})))
         .collect();
     let ids = f.store.append_batch(&events).await.expect("append");
-    f.store.fan_out(100, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 100).await;
     let (mut ledger, mut audit): (Vec<_>, Vec<_>) =
         batch.iter().partition(|claimed| claimed.route == "ledger");
@@ -883,7 +967,11 @@ async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
         .map(|n| order(&format!("K{n}"), n).with_key(format!("key-{}", n % 2)))
         .collect();
     let ids = f.store.append_batch(&events).await.expect("append");
-    let report = f.store.fan_out(100, &router).await.expect("fan out");
+    let report = f
+        .store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     assert_eq!((report.routed, report.duplicates), (2, 4));
     assert_eq!(status_of(f, ids[0]).await.0, EventStatus::Ready);
     assert_eq!(status_of(f, ids[1]).await.0, EventStatus::Ready);
@@ -906,7 +994,10 @@ async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
 
 async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
     f.store.append(&order("A", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(
         f.store
@@ -928,7 +1019,10 @@ async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
 
 async fn renewal_keeps_a_lease_alive_only_for_its_owner(f: &Fixture) {
     f.store.append(&order("A", 1)).await.expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let short = ClaimRequest {
         owner: "alpha".into(),
         limit: 10,
@@ -978,7 +1072,10 @@ async fn instances_show_heartbeats_and_held_leases(f: &Fixture) {
         .append_batch(&[order("A", 1), order("B", 1)])
         .await
         .expect("append");
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     assert_eq!(claim(f, "alpha", 10).await.len(), 2);
 
     let seen = f
@@ -1019,7 +1116,10 @@ async fn backlog_counts_ready_events_and_waiting_retries(f: &Fixture) {
         .expect("append");
     let backlog = f.store.backlog().await.expect("backlog");
     assert_eq!((backlog.ready_events, backlog.waiting_retry), (2, 0));
-    f.store.fan_out(10, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
     let batch = claim(f, "alpha", 10).await;
     complete_one(
         f,
@@ -1047,7 +1147,10 @@ async fn list_filters_and_entity_history(f: &Fixture) {
         ])
         .await
         .expect("append");
-    f.store.fan_out(100, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
 
     let newest = f
         .store
@@ -1102,6 +1205,275 @@ async fn list_filters_and_entity_history(f: &Fixture) {
         .is_empty());
 }
 
+/// `{"pad": "xx…"}` of exactly `bytes` bytes, written the way Postgres prints jsonb, so
+/// both backends measure the same size.
+fn padded_json(bytes: usize) -> String {
+    format!("{{\"pad\": \"{}\"}}", "x".repeat(bytes - 11))
+}
+
+const SEED: &str = "event_type, entity_type, entity_id, event_data";
+
+/// Rows a careless or hostile producer can write: each is settled by itself, with a
+/// reason naming what is wrong; fan-out never fails, a second pass finds nothing left,
+/// every row can be listed and shown, and the good events (even of the same entity,
+/// after a bad one) are delivered.
+async fn hostile_rows_settle_one_by_one_and_the_rest_flows(f: &Fixture) {
+    let request = FanOutRequest {
+        limit: 100,
+        max_event_bytes: 100,
+    };
+    let mut dead: Vec<(i64, String)> = Vec::new();
+    let mut good: Vec<i64> = Vec::new();
+
+    good.push(f.store.append(&order("o-1", 1)).await.expect("append"));
+    let id = f
+        .insert(SEED, "'order.created', 'order', 'o-1', NULL")
+        .await;
+    dead.push((id, "event_data is NULL".into()));
+    let id = f
+        .insert(
+            SEED,
+            &format!("'order.created', 'order', 'o-1', '{}'", padded_json(101)),
+        )
+        .await;
+    dead.push((
+        id,
+        "event_data is 101 bytes, over the limit of 100 bytes ([dispatch] max_event_bytes)".into(),
+    ));
+    // Exactly at the limit is within it.
+    good.push(
+        f.insert(
+            SEED,
+            &format!("'order.created', 'order', 'o-1', '{}'", padded_json(100)),
+        )
+        .await,
+    );
+    let headers = "event_type, entity_type, entity_id, event_data, headers";
+    let id = f
+        .insert(
+            headers,
+            &format!(
+                "'order.created', 'order', 'o-2', '{{}}', '{}'",
+                padded_json(120)
+            ),
+        )
+        .await;
+    dead.push((
+        id,
+        "headers is 120 bytes, over the limit of 100 bytes ([dispatch] max_event_bytes)".into(),
+    ));
+    let id = f
+        .insert(headers, "'order.created', 'order', 'o-2', '{}', '[1, 2]'")
+        .await;
+    dead.push((id, "headers is not a JSON object (found an array)".into()));
+    // No headers at all, as SQL NULL or JSON null, is fine.
+    good.push(
+        f.insert(headers, "'order.created', 'order', 'o-2', '{}', NULL")
+            .await,
+    );
+    good.push(
+        f.insert(headers, "'order.created', 'order', 'o-2', '{}', 'null'")
+            .await,
+    );
+    let unknown = f.insert(SEED, "'no.such.type', 'order', 'o-2', '{}'").await;
+    // The routing and ordering keys are NOT NULL: the producer's INSERT itself fails.
+    for column in ["event_type", "entity_type", "entity_id"] {
+        let values = SEED
+            .split(", ")
+            .map(|c| match c {
+                c if c == column => "NULL",
+                "event_data" => "'{}'",
+                _ => "'order.created'",
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let refused = f
+            .try_exec(&format!("INSERT INTO events ({SEED}) VALUES ({values})"))
+            .await;
+        assert!(refused.is_err(), "NULL {column} was accepted");
+    }
+
+    if f.is_sqlite() {
+        // SQLite keeps whatever bytes it is given in a TEXT column.
+        let id = f
+            .insert(SEED, "CAST(x'6f72ff' AS TEXT), 'order', 'o-3', '{}'")
+            .await;
+        dead.push((
+            id,
+            "event_type is not valid UTF-8 (invalid utf-8 sequence of 1 bytes from index 2)".into(),
+        ));
+        let id = f
+            .insert(
+                "event_type, entity_type, entity_id, event_data, headers, idempotency_key",
+                "'order.created', 'order', CAST(x'ff' AS TEXT), CAST(x'7bfe7d' AS TEXT), \
+                 'tenant=acme', CAST(x'c3' AS TEXT)",
+            )
+            .await;
+        dead.push((
+            id,
+            [
+                "entity_id is not valid UTF-8 (invalid utf-8 sequence of 1 bytes from index 0)",
+                "idempotency_key is not valid UTF-8 (incomplete utf-8 byte sequence from index 0)",
+                "headers is not valid JSON: expected ident at line 1 column 2",
+                "event_data is not valid UTF-8 (invalid utf-8 sequence of 1 bytes from index 1)",
+            ]
+            .join("; "),
+        ));
+        let id = f
+            .insert(SEED, "'order.created', 'order', 'o-3', '{\"total\": '")
+            .await;
+        dead.push((
+            id,
+            "event_data is not valid JSON: EOF while parsing a value at line 1 column 10".into(),
+        ));
+        let id = f
+            .insert(
+                "event_type, entity_type, entity_id, event_data, created_at",
+                "'order.created', 'order', 'o-3', '{}', 'yesterday'",
+            )
+            .await;
+        dead.push((id, "timestamp 'yesterday' is not ISO-8601".into()));
+        // A BLOB holding UTF-8 text (a driver binding bytes) is read as that text.
+        good.push(
+            f.insert(SEED, "'order.created', 'order', 'o-3', x'7b7d'")
+                .await,
+        );
+    } else {
+        // Postgres refuses what jsonb cannot hold in the producer's own transaction.
+        for data in ["'{\"total\": '", "'tenant=acme'"] {
+            let refused = f
+                .try_exec(&format!(
+                    "INSERT INTO events ({SEED}) VALUES ('order.created', 'order', 'o-3', {data})"
+                ))
+                .await;
+            assert!(refused.is_err(), "jsonb took {data}");
+        }
+    }
+    // The last word of entity o-1: after its bad events, and still delivered.
+    good.push(f.store.append(&order("o-1", 9)).await.expect("append"));
+
+    let report = f.store.fan_out(&request, &router).await.expect("fan out");
+    assert_eq!(report.malformed, dead.len(), "{report:?}");
+    assert_eq!(report.skipped, 1, "{report:?}");
+    assert_eq!(report.routed, good.len(), "{report:?}");
+    let again = f.store.fan_out(&request, &router).await.expect("fan out");
+    assert_eq!(again.events(), 0, "a second pass meets nothing: no loop");
+
+    for (id, reason) in &dead {
+        let (status, got) = status_of(f, *id).await;
+        assert_eq!(status, EventStatus::Dead, "event {id}");
+        assert_eq!(got.as_deref(), Some(reason.as_str()), "event {id}");
+        let detail = f
+            .store
+            .event_detail(*id)
+            .await
+            .expect("detail")
+            .expect("found");
+        assert!(detail.deliveries.is_empty(), "event {id} has no delivery");
+    }
+    assert_eq!(
+        status_of(f, unknown).await,
+        (
+            EventStatus::Skipped,
+            Some("no route matches event_type 'no.such.type'".into())
+        )
+    );
+    let listed = f
+        .store
+        .list_events(&EventFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("every row can be listed");
+    assert_eq!(listed.len(), dead.len() + good.len() + 1);
+
+    let mut delivered = Vec::new();
+    loop {
+        let claimed = claim(f, "a", 100).await;
+        if claimed.is_empty() {
+            break;
+        }
+        for delivery in claimed {
+            assert!(good.contains(&delivery.event.event_id), "{delivery:?}");
+            delivered.push(delivery.event.event_id);
+            complete_one(f, &delivery, "a", Outcome::delivered()).await;
+        }
+    }
+    delivered.sort_unstable();
+    assert_eq!(delivered, good, "every good event, in each entity's order");
+}
+
+/// The characters that break hand-built SQL, in every text column the producer writes:
+/// what is claimed is byte for byte what was written, and lookups by them find it.
+async fn sql_meta_characters_round_trip(f: &Fixture) {
+    let meta = "'\";--\\%_$1 ' OR '1'='1 /* */";
+    // Postgres text cannot hold NUL; SQLite's can.
+    let nul = if f.is_sqlite() { "\0" } else { "" };
+    let mut event = NewEvent::new(
+        format!("order.{meta}{nul}"),
+        format!("type{meta}{nul}"),
+        format!("id{meta}{nul}"),
+        json!({ meta: format!("{meta}{nul}"), "n": [meta] }),
+    )
+    .with_target(format!("target{meta}"))
+    .with_key(format!("key{meta}{nul}"));
+    event.headers = Some(serde_json::Map::from_iter([(
+        format!("h{meta}"),
+        json!(format!("v{meta}{nul}")),
+    )]));
+    let id = f.store.append(&event).await.expect("append");
+    let unrouted = f
+        .store
+        .append(&NewEvent::new(format!("x{meta}"), "t", "1", json!({})))
+        .await
+        .expect("append");
+
+    let report = f
+        .store
+        .fan_out(&FanOutRequest::new(10), &router)
+        .await
+        .expect("fan out");
+    assert_eq!((report.routed, report.skipped), (1, 1), "{report:?}");
+    assert_eq!(
+        status_of(f, unrouted).await.1,
+        Some(format!("no route matches event_type 'x{meta}'"))
+    );
+    let claimed = claim(f, "a", 10).await;
+    assert_eq!(claimed.len(), 1);
+    let got = &claimed[0].event;
+    assert_eq!(got.event_id, id);
+    assert_eq!(got.event_type, event.event_type);
+    assert_eq!(got.entity_type, event.entity_type);
+    assert_eq!(got.entity_id, event.entity_id);
+    assert_eq!(got.event_target, event.event_target);
+    assert_eq!(got.idempotency_key, event.idempotency_key);
+    assert_eq!(claimed[0].idempotency_key, format!("key{meta}{nul}"));
+    let data: serde_json::Value =
+        serde_json::from_str(got.event_data.as_deref().unwrap_or_default()).expect("JSON");
+    assert_eq!(data, event.event_data);
+    let headers: serde_json::Value =
+        serde_json::from_str(got.headers.as_deref().unwrap_or_default()).expect("JSON");
+    assert_eq!(headers, json!(event.headers));
+
+    let history = f
+        .store
+        .entity_history(&event.entity_type, &event.entity_id)
+        .await
+        .expect("history");
+    assert_eq!(history.len(), 1);
+    let by_type = f
+        .store
+        .list_events(&EventFilter {
+            event_type: Some(event.event_type.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(by_type.len(), 1, "'%' and '_' match only themselves");
+}
+
 async fn migrate_is_idempotent_and_schema_checks_pass(f: &Fixture) {
     f.store.migrate().await.expect("second migrate");
     f.store.check_schema().await.expect("schema is current");
@@ -1110,10 +1482,18 @@ async fn migrate_is_idempotent_and_schema_checks_pass(f: &Fixture) {
 async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
     // payment.* goes to "ledger" and "audit": pausing "ledger" leaves "audit" flowing.
     f.store
-        .append(&NewEvent::new("payment.captured", "payment", "p1", json!({})))
+        .append(&NewEvent::new(
+            "payment.captured",
+            "payment",
+            "p1",
+            json!({}),
+        ))
         .await
         .expect("append");
-    f.store.fan_out(100, &router).await.expect("fan out");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
     let paused = ClaimRequest {
         paused_routes: vec!["ledger".into()],
         ..claim_request("w", 10)
@@ -1130,7 +1510,11 @@ async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
     assert!(f.store.quarantined().await.expect("list").is_empty());
     assert!(f
         .store
-        .quarantine("webhook", "10 consecutive faults; last: plugin trapped: x", 10)
+        .quarantine(
+            "webhook",
+            "10 consecutive faults; last: plugin trapped: x",
+            10
+        )
         .await
         .expect("quarantine"));
     assert!(!f
@@ -1142,7 +1526,10 @@ async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].plugin, "webhook");
     assert_eq!(listed[0].faults, 10);
-    assert!(listed[0].reason.ends_with("plugin trapped: x"), "{listed:?}");
+    assert!(
+        listed[0].reason.ends_with("plugin trapped: x"),
+        "{listed:?}"
+    );
     assert!(f.store.resume("webhook").await.expect("resume"));
     assert!(!f.store.resume("webhook").await.expect("resume twice"));
     assert!(f.store.quarantined().await.expect("list").is_empty());
@@ -1207,4 +1594,6 @@ on_both_backends!(
     concurrent_batches_on_the_same_events_both_count,
     repeated_keys_within_one_fan_out_batch,
     a_quarantined_plugins_routes_are_left_unclaimed,
+    hostile_rows_settle_one_by_one_and_the_rest_flows,
+    sql_meta_characters_round_trip,
 );

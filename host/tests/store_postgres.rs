@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald::store::{
-    self, ClaimRequest, Completion, CompletionResult, EventHead, EventStatus, EventStore, NewEvent,
-    OpenOptions, Outcome, RoutePlan,
+    self, ClaimRequest, Completion, CompletionResult, EventHead, EventStatus, EventStore,
+    FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
 };
 use herald_tests::PgSchema;
 use serde_json::json;
@@ -26,7 +26,10 @@ async fn instance(schema: &PgSchema) -> Arc<dyn EventStore> {
 }
 
 async fn deliver_everything(store: &dyn EventStore, owner: &str) -> Vec<i64> {
-    store.fan_out(1000, &orders_route).await.expect("fan out");
+    store
+        .fan_out(&FanOutRequest::new(1000), &orders_route)
+        .await
+        .expect("fan out");
     let request = ClaimRequest {
         owner: owner.into(),
         limit: 100,
@@ -121,7 +124,10 @@ async fn two_instances_share_a_backlog_without_double_claims() {
             let mut mine = Vec::new();
             let mut idle_rounds = 0;
             while idle_rounds < 3 {
-                store.fan_out(64, &orders_route).await.expect("fan out");
+                store
+                    .fan_out(&FanOutRequest::new(64), &orders_route)
+                    .await
+                    .expect("fan out");
                 let request = ClaimRequest {
                     owner: owner.into(),
                     limit: 16,

@@ -12,7 +12,8 @@ use common::Herald;
 use herald::store::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport,
-    Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
+    FanOutRequest, Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError,
+    StoreResult,
 };
 use herald_tests::sink::Sink;
 use serde_json::json;
@@ -149,8 +150,12 @@ impl EventStore for CrashBeforeCommit {
     async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
         self.inner.append_batch(events).await
     }
-    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
-        self.inner.fan_out(limit, router).await
+    async fn fan_out(
+        &self,
+        request: &FanOutRequest,
+        router: &Router<'_>,
+    ) -> StoreResult<FanOutReport> {
+        self.inner.fan_out(request, router).await
     }
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         self.inner.claim(request).await

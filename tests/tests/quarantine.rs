@@ -102,7 +102,12 @@ ordering = \"none\"
     for n in 0..50 {
         steady.push(
             herald
-                .append(NewEvent::new("steady.tick", "thing", format!("s{n}"), json!({})))
+                .append(NewEvent::new(
+                    "steady.tick",
+                    "thing",
+                    format!("s{n}"),
+                    json!({}),
+                ))
                 .await,
         );
     }
@@ -117,7 +122,9 @@ ordering = \"none\"
     assert_eq!(verdict[0].plugin, "echo");
     assert!(verdict[0].faults >= 3, "{verdict:?}");
     assert!(
-        verdict[0].reason.contains("consecutive faults; last: plugin"),
+        verdict[0]
+            .reason
+            .contains("consecutive faults; last: plugin"),
         "{verdict:?}"
     );
     let log = logs.text();

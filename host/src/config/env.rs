@@ -18,6 +18,7 @@ pub const OVERRIDES: &[&str] = &[
     "HERALD_DISPATCH_LISTEN",
     "HERALD_DISPATCH_SHUTDOWN_DEADLINE",
     "HERALD_DISPATCH_QUARANTINE_AFTER",
+    "HERALD_DISPATCH_MAX_EVENT_BYTES",
     "HERALD_ADMIN_ENABLED",
     "HERALD_ADMIN_LISTEN",
 ];
@@ -74,6 +75,15 @@ impl Config {
                 "HERALD_DISPATCH_QUARANTINE_AFTER" => {
                     dispatch.quarantine_after = number(var, value)?
                 }
+                "HERALD_DISPATCH_MAX_EVENT_BYTES" => {
+                    dispatch.max_event_bytes = number(var, value)?;
+                    if let Some(message) = dispatch.problem() {
+                        return Err(ConfigError::Env {
+                            var: var.to_string(),
+                            message,
+                        });
+                    }
+                }
                 "HERALD_ADMIN_ENABLED" => admin.enabled = flag(var, value)?,
                 "HERALD_ADMIN_LISTEN" => {
                     admin.listen = value
@@ -118,6 +128,24 @@ mod tests {
         assert_eq!(config.dispatch().lease, Duration::from_secs(120));
         assert_eq!(config.admin().listen.port(), 9000);
         assert!(!config.admin().enabled);
+    }
+
+    #[test]
+    fn the_event_size_limit_can_be_overridden_but_not_to_zero() {
+        let mut config = Config::default();
+        config
+            .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "2048")]))
+            .expect("valid override");
+        assert_eq!(config.dispatch().max_event_bytes, 2048);
+        let err = config
+            .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "0")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("environment variable HERALD_DISPATCH_MAX_EVENT_BYTES: [dispatch] max_event_bytes must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -74,6 +74,9 @@ plugins_dir = "plugins"
 # quarantine_after = 10    # consecutive plugin faults (trap, time or memory limit) that
 #                          # pause the plugin's routes until `herald plugins resume NAME`;
 #                          # 0: never
+# max_event_bytes = 1048576  # 1 MiB: an event whose event_data or headers is larger is
+#                          # DEAD with its size in status_reason, never handed to a plugin
+#                          # (most brokers and webhook receivers refuse more anyway)
 
 # The admin HTTP server of `herald serve`: /healthz, /readyz and the JSON API under /api.
 [admin]
@@ -242,6 +245,15 @@ impl Config {
                 return Err(located(path, text, store.span().start, err.to_string()));
             }
         }
+        if let Some(problem) = config.dispatch.problem() {
+            return Err(match dispatch_key_offset(text, "max_event_bytes") {
+                Some(offset) => located(path, text, offset, problem),
+                None => ConfigError::InvalidUnlocated {
+                    path: path.to_path_buf(),
+                    message: problem,
+                },
+            });
+        }
         let mut names = std::collections::HashSet::new();
         for route in &config.routes {
             let problem = route.get_ref().problem(config.dispatch.lease).or_else(|| {
@@ -347,6 +359,27 @@ fn located(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
         column,
         message,
     }
+}
+
+/// Where `key` is set in the `[dispatch]` table, as a byte offset, for a located error
+/// (the table is read without spans; its keys are plain, so their line is easy to find).
+fn dispatch_key_offset(text: &str, key: &str) -> Option<usize> {
+    let mut in_dispatch = false;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            in_dispatch = trimmed.trim_end().trim_end_matches(|c| c != ']') == "[dispatch]";
+        } else if in_dispatch
+            && trimmed
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(offset + (line.len() - trimmed.len()));
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -539,6 +572,29 @@ mod tests {
             err.and_then(Result::err).as_deref(),
             Some("route 'a': config key 'secret' refers to environment variable HERALD_TEST_SURELY_UNSET_VAR, which is not set")
         );
+    }
+
+    #[test]
+    fn the_event_size_limit_defaults_to_one_mebibyte_and_zero_is_refused() {
+        let config = parse("").expect("parses");
+        assert_eq!(config.dispatch().max_event_bytes, 1 << 20);
+        let config = parse("[dispatch]\nmax_event_bytes = 4096\n").expect("parses");
+        assert_eq!(config.dispatch().max_event_bytes, 4096);
+        let err =
+            parse("store = \"sqlite://x.db\"\n\n[dispatch] # limits\n  max_event_bytes = 0\n")
+                .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("herald.toml:4:3: [dispatch] max_event_bytes must be at least 1 (0 would refuse every event)")
+        );
+        let err = parse("[dispatch]\nmax_event_bytes = -1\n")
+            .err()
+            .unwrap_or_default();
+        assert!(err.starts_with("herald.toml:2:"), "{err}");
+        let err = parse("[dispatch]\nmax_event_bytes = \"1MiB\"\n")
+            .err()
+            .unwrap_or_default();
+        assert!(err.starts_with("herald.toml:2:"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct DispatchConfig {
     pub shutdown_deadline: Duration,
     /// Consecutive plugin faults that quarantine the plugin; 0 never does.
     pub quarantine_after: u32,
+    /// An event whose `event_data` or `headers` is longer (in bytes) is DEAD at fan-out
+    /// with its size in the reason; it never reaches a plugin.
+    pub max_event_bytes: u64,
 }
 
 impl Default for DispatchConfig {
@@ -44,7 +47,17 @@ impl Default for DispatchConfig {
             listen: defaults.listen,
             shutdown_deadline: defaults.shutdown_deadline,
             quarantine_after: defaults.quarantine_after,
+            max_event_bytes: defaults.max_event_bytes,
         }
+    }
+}
+
+impl DispatchConfig {
+    /// What is wrong with `[dispatch]`, naming the key.
+    pub(super) fn problem(&self) -> Option<String> {
+        (self.max_event_bytes == 0).then(|| {
+            "[dispatch] max_event_bytes must be at least 1 (0 would refuse every event)".to_string()
+        })
     }
 }
 

@@ -27,8 +27,8 @@ use recorder::Recorder;
 use crate::router::Router;
 use crate::runtime::{Event as PluginEvent, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::{
-    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport, Outcome,
-    StoreError,
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport,
+    FanOutRequest, Outcome, StoreError,
 };
 
 /// Most deliveries one task runs in a row (in one plugin instance, when the route lets an
@@ -68,6 +68,8 @@ pub struct DispatchSettings {
     /// Consecutive faults (traps, time or memory limit) after which a plugin is
     /// quarantined and its routes pause; 0 never quarantines.
     pub quarantine_after: u32,
+    /// Events whose payload or headers are larger are DEAD at fan-out, unread.
+    pub max_event_bytes: u64,
 }
 
 impl Default for DispatchSettings {
@@ -81,6 +83,7 @@ impl Default for DispatchSettings {
             listen: true,
             shutdown_deadline: Duration::from_secs(30),
             quarantine_after: 10,
+            max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -226,9 +229,13 @@ impl Dispatcher {
         let table = self.table.current();
         let report = self
             .store
-            .fan_out(self.settings.batch_size, &|head| {
-                table.router.plans_for(head)
-            })
+            .fan_out(
+                &FanOutRequest {
+                    limit: self.settings.batch_size,
+                    max_event_bytes: self.settings.max_event_bytes,
+                },
+                &|head| table.router.plans_for(head),
+            )
             .await?;
         crate::metrics::fanned_out(&report);
         if report.deliveries > 0 {

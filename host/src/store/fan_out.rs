@@ -5,8 +5,12 @@ use super::{EventHead, EventStatus, RoutePlan, Router};
 /// A READY event without deliveries, as read by fan-out.
 pub(crate) struct Candidate {
     pub head: EventHead,
-    pub event_data: Option<String>,
+    /// The stored payload (`None`: NULL), or why it was not read (unreadable, too big).
+    pub event_data: Result<Option<String>, String>,
     pub idempotency_key: Option<String>,
+    /// What else is wrong with the row as stored (columns that are not text, headers
+    /// that are not a JSON object, ...), found while reading it.
+    pub problems: Vec<String>,
 }
 
 pub(crate) enum Disposition {
@@ -51,13 +55,22 @@ impl Candidate {
         Disposition::Deliver(routes)
     }
 
+    /// Everything wrong with the event, in one reason; `None` when it can be delivered.
     fn data_problem(&self) -> Option<String> {
-        match &self.event_data {
-            None => Some("event_data is NULL".to_string()),
-            Some(text) => serde_json::from_str::<serde::de::IgnoredAny>(text)
+        let payload = match &self.event_data {
+            Err(problem) => Some(problem.clone()),
+            Ok(None) => Some("event_data is NULL".to_string()),
+            Ok(Some(text)) => serde_json::from_str::<serde::de::IgnoredAny>(text)
                 .err()
                 .map(|err| format!("event_data is not valid JSON: {err}")),
-        }
+        };
+        let all: Vec<&str> = self
+            .problems
+            .iter()
+            .map(String::as_str)
+            .chain(payload.as_deref())
+            .collect();
+        (!all.is_empty()).then(|| all.join("; "))
     }
 }
 

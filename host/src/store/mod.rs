@@ -60,9 +60,15 @@ pub trait EventStore: Send + Sync {
     async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>>;
 
     /// Turn READY events that have no deliveries yet into deliveries, oldest first, up to
-    /// `limit` events. Events without a route become SKIPPED, repeated producer keys
-    /// DUPLICATE, malformed events DEAD, each with the reason.
-    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport>;
+    /// `request.limit` events. Events without a route become SKIPPED, repeated producer
+    /// keys DUPLICATE, malformed events (unreadable columns, payloads over
+    /// `request.max_event_bytes`) DEAD, each with the reason. One bad row never fails
+    /// the pass.
+    async fn fan_out(
+        &self,
+        request: &FanOutRequest,
+        router: &Router<'_>,
+    ) -> StoreResult<FanOutReport>;
 
     /// Lease due deliveries. A delivery on an ordered route is only due when no earlier
     /// event of the same entity still has an open delivery on that route.

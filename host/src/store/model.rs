@@ -325,13 +325,45 @@ pub struct FanOutReport {
     pub deliveries: usize,
     pub skipped: usize,
     pub duplicates: usize,
-    /// Events refused as malformed (e.g. `event_data` is NULL or not JSON).
+    /// Events refused as malformed (e.g. `event_data` is NULL, not JSON or over the size
+    /// limit, a column is not valid UTF-8).
     pub malformed: usize,
 }
 
 impl FanOutReport {
     pub fn events(&self) -> usize {
         self.routed + self.skipped + self.duplicates + self.malformed
+    }
+}
+
+/// The default of `[dispatch] max_event_bytes`: 1 MiB. The common ceiling of what a
+/// plugin forwards to (Kafka's default message size is 1 MB; webhook receivers and API
+/// gateways commonly refuse larger bodies), far above a typical outbox event (a few KB),
+/// and low enough that a runaway producer's 10 MB row does not travel into a plugin's
+/// memory again on every attempt.
+pub const DEFAULT_MAX_EVENT_BYTES: u64 = 1 << 20;
+
+/// Ask for a fan-out pass over up to `limit` new events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanOutRequest {
+    pub limit: u32,
+    /// An event whose `event_data` or `headers` text is longer than this (in bytes) is
+    /// DEAD, without its payload being read or handed to a plugin.
+    pub max_event_bytes: u64,
+}
+
+impl FanOutRequest {
+    /// Up to `limit` events, with the default size limit.
+    pub fn new(limit: u32) -> Self {
+        FanOutRequest {
+            limit,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+
+    /// The limit as the databases compare it (they count in signed 64-bit integers).
+    pub(crate) fn max_bytes_sql(&self) -> i64 {
+        i64::try_from(self.max_event_bytes).unwrap_or(i64::MAX)
     }
 }
 

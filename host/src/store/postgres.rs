@@ -23,8 +23,9 @@ use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
-    Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance,
-    NewEvent, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
+    Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
+    FanOutRequest, Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError,
+    StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -118,25 +119,36 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
 /// transaction, so a failed pass leaves them new). Only while holding the fan-out lock:
 /// when another instance holds it, nothing is taken (its pass covers these events). The
 /// lock is taken in the same statement, which saves a round trip on every pass.
-async fn take_candidates(conn: &mut PgConnection, limit: u32) -> StoreResult<Vec<Candidate>> {
+/// A payload over the size limit is measured in the database (as the text a plugin would
+/// get, converted once) and not sent over.
+async fn take_candidates(
+    conn: &mut PgConnection,
+    request: &FanOutRequest,
+) -> StoreResult<Vec<Candidate>> {
     let rows = sqlx::query(
         "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held) \
          UPDATE events e SET fanned_out = TRUE FROM (\
-           SELECT event_id FROM events, turn \
+           SELECT event_id, event_data::text AS data, headers::text AS headers \
+           FROM events, turn \
            WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
            ORDER BY event_id LIMIT $1) AS new \
          WHERE e.event_id = new.event_id \
          RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
-           e.event_data::text AS event_data, e.idempotency_key",
+           coalesce(octet_length(new.data), 0)::bigint AS event_data_bytes, \
+           CASE WHEN octet_length(new.data) <= $3 THEN new.data END AS event_data, \
+           coalesce(octet_length(new.headers), 0)::bigint AS headers_bytes, \
+           CASE WHEN octet_length(new.headers) <= $3 THEN new.headers END AS headers, \
+           e.idempotency_key, e.created_at",
     )
-    .bind(i64::from(limit))
+    .bind(i64::from(request.limit))
     .bind(FAN_OUT_LOCK)
+    .bind(request.max_bytes_sql())
     .fetch_all(conn)
     .await
     .doing("reading new events")?;
     let mut candidates = rows
         .iter()
-        .map(rows::candidate)
+        .map(|row| rows::candidate(row, request.max_event_bytes))
         .collect::<StoreResult<Vec<_>>>()?;
     candidates.sort_by_key(|c| c.head.event_id);
     Ok(candidates)
@@ -463,9 +475,13 @@ impl EventStore for PostgresStore {
         Ok(ids)
     }
 
-    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
+    async fn fan_out(
+        &self,
+        request: &FanOutRequest,
+        router: &Router<'_>,
+    ) -> StoreResult<FanOutReport> {
         let mut tx = self.pool.begin().await.doing("starting fan-out")?;
-        let candidates = take_candidates(&mut tx, limit).await?;
+        let candidates = take_candidates(&mut tx, request).await?;
         if candidates.is_empty() {
             return Ok(FanOutReport::default());
         }

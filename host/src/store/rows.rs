@@ -18,6 +18,14 @@ pub(crate) trait StoreRow {
     fn time(&self, column: &str) -> StoreResult<DateTime<Utc>>;
     fn opt_time(&self, column: &str) -> StoreResult<Option<DateTime<Utc>>>;
 
+    /// A text column for showing, never failing on what a producer wrote: on a database
+    /// that stores any bytes (SQLite), bytes that are not UTF-8 are replaced (U+FFFD).
+    /// Fan-out refuses such events (strict [`StoreRow::opt_text`]), so they never reach a
+    /// plugin; this keeps them listable with their reason.
+    fn shown_text(&self, column: &str) -> StoreResult<Option<String>> {
+        self.opt_text(column)
+    }
+
     fn int32(&self, column: &str) -> StoreResult<i32> {
         let value = self.int(column)?;
         i32::try_from(value)
@@ -36,22 +44,38 @@ pub(crate) trait StoreRow {
 }
 
 pub(crate) fn column_error(column: &str, err: sqlx::Error) -> StoreError {
-    StoreError::Corrupt(format!("column {column}: {err}"))
+    // sqlx's message repeats the column name; its source says what is wrong.
+    let what = match err {
+        sqlx::Error::ColumnDecode { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    StoreError::Corrupt(format!("column {column}: {what}"))
 }
 
+/// A required text column as shown (see [`StoreRow::shown_text`]); NULL reads as empty.
+fn shown(row: &impl StoreRow, column: &str) -> StoreResult<String> {
+    Ok(row.shown_text(column)?.unwrap_or_default())
+}
+
+/// An event row. The producer's columns are read as shown, so one row holding bytes
+/// that are not text does not make a whole listing (or claim) fail.
 pub(crate) fn event(row: &impl StoreRow) -> StoreResult<Event> {
     Ok(Event {
         event_id: row.int("event_id")?,
-        event_target: row.opt_text("event_target")?,
-        event_type: row.text("event_type")?,
-        entity_type: row.text("entity_type")?,
-        entity_id: row.text("entity_id")?,
-        event_data: row.opt_text("event_data")?,
+        event_target: row.shown_text("event_target")?,
+        event_type: shown(row, "event_type")?,
+        entity_type: shown(row, "entity_type")?,
+        entity_id: shown(row, "entity_id")?,
+        event_data: row.shown_text("event_data")?,
         event_status: row.parsed::<EventStatus>("event_status")?,
         status_reason: row.opt_text("status_reason")?,
-        idempotency_key: row.opt_text("idempotency_key")?,
-        headers: row.opt_text("headers")?,
-        created_at: row.time("created_at")?,
+        idempotency_key: row.shown_text("idempotency_key")?,
+        headers: row.shown_text("headers")?,
+        // A producer may write anything into SQLite's created_at; fan-out has made such an
+        // event DEAD, naming the value. Shown as the Unix epoch rather than hiding the row.
+        created_at: row
+            .time("created_at")
+            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
     })
 }
 
@@ -152,18 +176,105 @@ pub(crate) fn backlog(row: &impl StoreRow) -> StoreResult<Backlog> {
     })
 }
 
-pub(crate) fn candidate(row: &impl StoreRow) -> StoreResult<Candidate> {
+/// A row of fan-out's read (see the backends' `take_candidates`). Only a broken
+/// `event_id` fails: anything else a producer can get wrong in a row is recorded as a
+/// problem of that event, which fan-out then settles as DEAD. Failing instead would
+/// roll the whole pass back, and the next pass would meet the same row: a loop that
+/// blocks every event behind it.
+pub(crate) fn candidate(row: &impl StoreRow, max_event_bytes: u64) -> StoreResult<Candidate> {
+    let event_id = row.int("event_id")?;
+    let mut problems = Vec::new();
+    let mut text = |column: &str, required: bool| match row.opt_text(column) {
+        Ok(Some(text)) => Some(text),
+        Ok(None) if required => {
+            problems.push(format!("{column} is NULL"));
+            None
+        }
+        Ok(None) => None,
+        Err(err) => {
+            problems.push(unreadable(err));
+            None
+        }
+    };
+    let event_type = text("event_type", true);
+    let event_target = text("event_target", false);
+    let entity_type = text("entity_type", true);
+    let entity_id = text("entity_id", true);
+    let idempotency_key = text("idempotency_key", false);
+    let headers = text("headers", false);
+    if let Some(problem) = headers.as_deref().and_then(headers_problem) {
+        problems.push(problem);
+    }
+    if let Err(err) = row.time("created_at") {
+        problems.push(unreadable(err));
+    }
+    if let Some(problem) = over_limit(row, "headers", max_event_bytes) {
+        problems.push(problem);
+    }
+    // The payload is only read when it is within the limit (the query withholds it).
+    let event_data = match over_limit(row, "event_data", max_event_bytes) {
+        Some(problem) => Err(problem),
+        None => row.opt_text("event_data").map_err(unreadable),
+    };
     Ok(Candidate {
         head: EventHead {
-            event_id: row.int("event_id")?,
-            event_type: row.text("event_type")?,
-            event_target: row.opt_text("event_target")?,
-            entity_type: row.text("entity_type")?,
-            entity_id: row.text("entity_id")?,
+            event_id,
+            event_type: event_type.unwrap_or_default(),
+            event_target,
+            entity_type: entity_type.unwrap_or_default(),
+            entity_id: entity_id.unwrap_or_default(),
         },
-        event_data: row.opt_text("event_data")?,
-        idempotency_key: row.opt_text("idempotency_key")?,
+        event_data,
+        idempotency_key,
+        problems,
     })
+}
+
+/// What a column that cannot be read says, for the event's `status_reason`.
+fn unreadable(err: StoreError) -> String {
+    match err {
+        StoreError::Corrupt(what) => what,
+        other => other.to_string(),
+    }
+}
+
+/// Headers are a JSON object (or NULL/`null`: none). Anything else would reach the
+/// plugin as no headers at all, silently losing `traceparent` or a tenant.
+fn headers_problem(text: &str) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_) | serde_json::Value::Null) => None,
+        Ok(other) => Some(format!(
+            "headers is not a JSON object (found {})",
+            json_kind(&other)
+        )),
+        Err(err) => Some(format!("headers is not valid JSON: {err}")),
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The column's size (`<column>_bytes` in the row) against the limit.
+fn over_limit(row: &impl StoreRow, column: &str, max_event_bytes: u64) -> Option<String> {
+    let size_column = format!("{column}_bytes");
+    match row.int(&size_column) {
+        Ok(bytes) if u64::try_from(bytes).is_ok_and(|bytes| bytes > max_event_bytes) => {
+            Some(format!(
+                "{column} is {bytes} bytes, over the limit of {max_event_bytes} bytes \
+                 ([dispatch] max_event_bytes)"
+            ))
+        }
+        Ok(_) => None,
+        Err(err) => Some(unreadable(err)),
+    }
 }
 
 pub(crate) fn recorded(row: &impl StoreRow) -> StoreResult<Recorded> {

@@ -28,8 +28,8 @@ use super::time::{
 };
 use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
-    DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, Instance, NewEvent,
-    OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
+    DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
+    Instance, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -100,7 +100,25 @@ impl StoreRow for SqliteRow {
         self.try_get(column).map_err(|e| column_error(column, e))
     }
     fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
-        self.try_get(column).map_err(|e| column_error(column, e))
+        // A TEXT column takes any bytes, and a BLOB too: say which column holds what.
+        self.try_get(column)
+            .or_else(|err| match self.try_get::<Option<Vec<u8>>, _>(column) {
+                Ok(bytes) => bytes
+                    .map(|bytes| {
+                        String::from_utf8(bytes).map_err(|bad| {
+                            StoreError::Corrupt(format!("{column} is not valid UTF-8 ({bad})"))
+                        })
+                    })
+                    .transpose(),
+                Err(_) => Err(column_error(column, err)),
+            })
+    }
+    fn shown_text(&self, column: &str) -> StoreResult<Option<String>> {
+        self.try_get(column).or_else(|err| {
+            self.try_get::<Option<Vec<u8>>, _>(column)
+                .map(|bytes| bytes.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+                .map_err(|_| column_error(column, err))
+        })
     }
     fn int(&self, column: &str) -> StoreResult<i64> {
         self.try_get(column).map_err(|e| column_error(column, e))
@@ -141,22 +159,32 @@ const ROWS_PER_INSERT: usize = 500;
 
 /// Take the next new events, oldest first, and mark them fanned out (in the caller's
 /// transaction, so a failed pass leaves them new).
-async fn take_candidates(conn: &mut SqliteConnection, limit: u32) -> StoreResult<Vec<Candidate>> {
+/// Sizes are counted in bytes (`CAST AS BLOB`; `length` of text counts characters), and a
+/// payload over the limit is not read at all.
+async fn take_candidates(
+    conn: &mut SqliteConnection,
+    request: &FanOutRequest,
+) -> StoreResult<Vec<Candidate>> {
     let rows = sqlx::query(
         "UPDATE events SET fanned_out = 1 WHERE event_id IN (\
            SELECT event_id FROM events INDEXED BY events_to_fan_out \
            WHERE event_status = 'READY' AND fanned_out = 0 \
            ORDER BY event_id LIMIT $1) \
-         RETURNING event_id, event_type, event_target, entity_type, entity_id, event_data, \
-           idempotency_key",
+         RETURNING event_id, event_type, event_target, entity_type, entity_id, \
+           coalesce(length(CAST(event_data AS BLOB)), 0) AS event_data_bytes, \
+           CASE WHEN length(CAST(event_data AS BLOB)) <= $2 THEN event_data END AS event_data, \
+           coalesce(length(CAST(headers AS BLOB)), 0) AS headers_bytes, \
+           CASE WHEN length(CAST(headers AS BLOB)) <= $2 THEN headers END AS headers, \
+           idempotency_key, created_at",
     )
-    .bind(i64::from(limit))
+    .bind(i64::from(request.limit))
+    .bind(request.max_bytes_sql())
     .fetch_all(conn)
     .await
     .doing("reading new events")?;
     let mut candidates = rows
         .iter()
-        .map(rows::candidate)
+        .map(|row| rows::candidate(row, request.max_event_bytes))
         .collect::<StoreResult<Vec<_>>>()?;
     candidates.sort_by_key(|c| c.head.event_id);
     Ok(candidates)
@@ -422,9 +450,13 @@ impl EventStore for SqliteStore {
         Ok(ids)
     }
 
-    async fn fan_out(&self, limit: u32, router: &Router<'_>) -> StoreResult<FanOutReport> {
+    async fn fan_out(
+        &self,
+        request: &FanOutRequest,
+        router: &Router<'_>,
+    ) -> StoreResult<FanOutReport> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let candidates = take_candidates(&mut tx, limit).await?;
+        let candidates = take_candidates(&mut tx, request).await?;
         let holders = key_holders(&mut tx, &candidates).await?;
         let plan = batch::plan_fan_out(candidates, &holders, router);
         insert_deliveries(&mut tx, &plan.deliveries).await?;

@@ -12,7 +12,11 @@
 //! 5. data `{"panic": "why"}`: panics with that message (a trap);
 //! 6. delivered, receipt `<route>:<attempt>:<idempotency_key>`, or, with config
 //!    `count_calls` set, `calls:<n>`: how many events this instance has handled, which
-//!    shows whether instances are reused between events.
+//!    shows whether instances are reused between events, or, with config
+//!    `receipt = "event"`, the event exactly as the plugin received it, as JSON
+//!    (`event_type`, `target`, `entity_type`, `entity_id`, `data` as the raw text,
+//!    `headers` as `[name, value]` pairs, `idempotency_key`): what the host handed over
+//!    ends up in the attempts log, for tests of what survives the trip.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -40,6 +44,10 @@ impl Plugin for Echo {
             .config(ConfigKey::optional(
                 "count_calls",
                 "Receipt `calls:<n>`: events this instance has handled.",
+            ))
+            .config(ConfigKey::optional(
+                "receipt",
+                "`event`: the receipt is the event as received, as JSON.",
             ))
     }
 
@@ -86,6 +94,9 @@ impl Plugin for Echo {
             }
         }
 
+        if config::get("receipt").as_deref() == Some("event") {
+            return Outcome::delivered_with(as_received(&event).to_string());
+        }
         if config::get("count_calls").is_some() {
             return Outcome::delivered_with(format!("calls:{calls}"));
         }
@@ -94,6 +105,19 @@ impl Plugin for Echo {
             event.route, event.attempt, event.idempotency_key
         ))
     }
+}
+
+/// The event as this plugin got it; the payload stays the raw text, unparsed.
+fn as_received(event: &Event) -> Value {
+    json!({
+        "event_type": event.event_type,
+        "target": event.target,
+        "entity_type": event.entity_type,
+        "entity_id": event.entity_id,
+        "data": event.raw_data,
+        "headers": event.headers,
+        "idempotency_key": event.idempotency_key,
+    })
 }
 
 herald_sdk::export_plugin!(Echo);
@@ -127,6 +151,27 @@ mod tests {
         );
         let third = Harness::new().run::<Echo>(event("t").attempt(3).data(&data).build());
         assert!(matches!(third.outcome, Outcome::Delivered { .. }));
+    }
+
+    #[test]
+    fn receipt_can_be_the_event_as_received() {
+        let run = Harness::new().config("receipt", "event").run::<Echo>(
+            event("a'b")
+                .entity("t;", "--1")
+                .idempotency_key("k%")
+                .build(),
+        );
+        let Outcome::Delivered {
+            receipt: Some(receipt),
+        } = run.outcome
+        else {
+            panic!("not delivered with a receipt: {:?}", run.outcome);
+        };
+        let received: Value = serde_json::from_str(&receipt).expect("receipt is JSON");
+        assert_eq!(received["event_type"], "a'b");
+        assert_eq!(received["entity_type"], "t;");
+        assert_eq!(received["entity_id"], "--1");
+        assert_eq!(received["idempotency_key"], "k%");
     }
 
     #[test]
