@@ -381,6 +381,7 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push_str(" …[truncated]");
         }
+        let message = without_control_characters(message);
         self.log_bytes += message.len();
         let (event_id, route, plugin) = (self.event_id, &self.grant.route, &self.grant.plugin);
         match level {
@@ -393,8 +394,48 @@ impl log::Host for HostState {
     }
 }
 
+/// A plugin's log line with control characters escaped (`\n` as `\\n`): in the text log
+/// format a raw newline or terminal escape would let a plugin forge lines of the host's
+/// log or garble the terminal reading it.
+fn without_control_characters(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    let mut escaped = String::with_capacity(message.len() + 16);
+    for c in message.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
+}
+
 impl config::Host for HostState {
     async fn get(&mut self, key: String) -> Option<String> {
         self.grant.config.get(&key).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_cannot_forge_other_lines() {
+        assert_eq!(
+            without_control_characters("ok\n2026-01-01 INFO forged\u{1b}[2J".into()),
+            "ok\\n2026-01-01 INFO forged\\u{1b}[2J"
+        );
+        assert_eq!(without_control_characters("plain é".into()), "plain é");
+    }
+
+    #[test]
+    fn nul_anywhere_in_emitted_data_is_found() {
+        let nested = serde_json::json!({ "a": [1, { "b": "x\u{0}y" }] });
+        assert!(json_contains_nul(&nested));
+        assert!(json_contains_nul(&serde_json::json!({ "k\u{0}": 1 })));
+        assert!(!json_contains_nul(&serde_json::json!({ "a": ["fine"] })));
     }
 }
