@@ -27,7 +27,7 @@ const STDERR_CAPACITY: usize = 64 << 10;
 /// Longest event type, entity type, entity id, target, idempotency key or header name an
 /// emitted event may have: these are routing and lookup keys, not payload, and an
 /// unbounded one would be copied into every index and log line that names the event.
-pub const MAX_EMIT_FIELD_BYTES: usize = 1024;
+const MAX_EMIT_FIELD_BYTES: usize = 1024;
 
 /// What a route grants its plugin; shared by every call on the route.
 pub struct RouteGrant {
@@ -49,7 +49,7 @@ pub struct HostState {
     /// Where the current event's stderr begins in `stderr`.
     stderr_start: usize,
     pub(super) emitted: Vec<NewEvent>,
-    /// Data bytes of the events emitted by the current event's call.
+    /// Data and header bytes of the events the current event's call emitted.
     emitted_bytes: usize,
     /// Emits of the current event's call that the host refused, and why the first was:
     /// a `delivered` outcome with refused emits would commit only part of its effect.
@@ -264,7 +264,7 @@ impl HostState {
         if self.emitted.len() >= limits.max_emits as usize {
             return Err(emit::EmitError::LimitReached(limits.max_emits));
         }
-        let invalid = |why: String| emit::EmitError::Invalid(why);
+        let invalid = emit::EmitError::Invalid;
         let size = event.data.len()
             + event
                 .headers

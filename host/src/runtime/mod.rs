@@ -364,10 +364,10 @@ fn classify(err: &wasmtime::Error, state: &HostState, limits: &CallLimits) -> Pl
     }
 }
 
-/// `<message> (at <file:line:column>)` from the stderr tail of a Rust guest that
+/// `<message> (at <file:line:column>)` from the stderr of a Rust guest that
 /// panicked: `thread '<unnamed>' panicked at src/lib.rs:15:9:`, the message on the
 /// following lines, then maybe a `note: run with RUST_BACKTRACE` hint. The tail has its
-/// lines joined with ` | `.
+/// lines joined with ` | ` (as `stderr_tail` gives it).
 fn panic_message(stderr: &str) -> Option<String> {
     const MARKER: &str = " panicked at ";
     let after = &stderr[stderr.rfind(MARKER)? + MARKER.len()..];
