@@ -120,7 +120,7 @@ fn describe() {
     );
     describe_counter!(
         PLUGIN_FAULTS,
-        "Plugin calls that ended without an outcome, by kind (trap, time_limit, memory_limit, instantiate)."
+        "Plugin calls that ended without an outcome, by kind (trap, panic, time_limit, memory_limit, capability_limit, emits_refused, instantiate)."
     );
     describe_counter!(
         PLUGIN_DEPLOYS,
@@ -243,6 +243,9 @@ pub fn outcome_lost(route: &str, reason: LostOutcome) {
 pub fn plugin_fault(route: &str, plugin: &str, fault: &PluginFault) {
     let kind = match fault {
         PluginFault::Trap(_) => "trap",
+        PluginFault::Panic(_) => "panic",
+        PluginFault::CapabilityLimit(_) => "capability_limit",
+        PluginFault::EmitsRefused { .. } => "emits_refused",
         PluginFault::TimeLimit(_) => "time_limit",
         PluginFault::MemoryLimit { .. } => "memory_limit",
         PluginFault::Instantiate(_) => "instantiate",

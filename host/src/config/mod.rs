@@ -71,7 +71,7 @@ plugins_dir = "plugins"
 #                          # the leases of any still running are then released
 # listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
 #                          # safety net (a pooler in transaction mode drops notifications)
-# quarantine_after = 10    # consecutive plugin faults (trap, time or memory limit) that
+# quarantine_after = 10    # consecutive plugin faults (trap, panic, a limit broken) that
 #                          # pause the plugin's routes until `herald plugins resume NAME`;
 #                          # 0: never
 # max_event_bytes = 1048576  # 1 MiB: an event whose event_data or headers is larger is

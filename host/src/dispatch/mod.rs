@@ -65,7 +65,7 @@ pub struct DispatchSettings {
     pub listen: bool,
     /// On shutdown, how long attempts in flight may take to finish.
     pub shutdown_deadline: Duration,
-    /// Consecutive faults (traps, time or memory limit) after which a plugin is
+    /// Consecutive faults (traps, panics, limits broken) after which a plugin is
     /// quarantined and its routes pause; 0 never quarantines.
     pub quarantine_after: u32,
     /// Events whose payload or headers are larger are DEAD at fan-out, unread.

@@ -40,6 +40,12 @@ pub(super) fn plugin_event(delivery: &ClaimedDelivery) -> PluginEvent {
     }
 }
 
+/// Most bytes of a plugin's receipt or reason the ledger keeps (in the attempts log, the
+/// delivery's last error, the event's status reason and a dead notice). Enough for any
+/// message meant for an operator; a plugin answering with megabytes would otherwise have
+/// the host hold and write them, several times over.
+pub const MAX_DETAIL_BYTES: usize = 4096;
+
 /// The plugin's verdict, or its fault, as the outcome the store records.
 pub(super) fn store_outcome(
     route: &Route,
@@ -48,23 +54,48 @@ pub(super) fn store_outcome(
 ) -> Outcome {
     match report.outcome {
         Ok(PluginOutcome::Delivered(receipt)) => Outcome::Delivered {
-            receipt,
+            receipt: receipt.map(recordable),
             emitted: report
                 .emitted
                 .into_iter()
                 .map(|event| with_causation(event, delivery))
                 .collect(),
         },
-        Ok(PluginOutcome::Skip(reason)) => Outcome::Skipped { reason },
-        Ok(PluginOutcome::Dead(reason)) => Outcome::Dead { reason },
+        Ok(PluginOutcome::Skip(reason)) => Outcome::Skipped {
+            reason: recordable(reason),
+        },
+        Ok(PluginOutcome::Dead(reason)) => Outcome::Dead {
+            reason: recordable(reason),
+        },
         Ok(PluginOutcome::Retry(request)) => route_failure(
             route,
             delivery,
-            request.reason,
+            recordable(request.reason),
             request.after_ms.map(Duration::from_millis),
         ),
-        Err(fault) => route_failure(route, delivery, fault.to_string(), None),
+        Err(fault) => route_failure(route, delivery, recordable(fault.to_string()), None),
     }
+}
+
+/// A plugin's text as every store can keep it: NUL characters (which Postgres `text`
+/// refuses, making the whole outcome unrecordable) replaced by U+FFFD, and at most
+/// `MAX_DETAIL_BYTES`, with a marker saying how long it was.
+fn recordable(text: String) -> String {
+    let mut text = if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    };
+    if text.len() > MAX_DETAIL_BYTES {
+        let full = text.len();
+        let cut = (0..=MAX_DETAIL_BYTES)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push_str(&format!(" …[truncated: {full} bytes in all]"));
+    }
+    text
 }
 
 /// Emitted events point back at the event that caused them and carry its trace.
@@ -118,4 +149,21 @@ pub fn dead_notice(delivery: &ClaimedDelivery, reason: &str) -> Option<NewEvent>
         Value::String(event.event_id.to_string()),
     )]));
     Some(notice)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recordable_text_has_no_nul_and_is_bounded() {
+        assert_eq!(recordable("a\0b".into()), "a\u{FFFD}b");
+        let long = recordable("é".repeat(MAX_DETAIL_BYTES));
+        assert!(long.len() < MAX_DETAIL_BYTES + 64, "{}", long.len());
+        assert!(long.ends_with(&format!(
+            " …[truncated: {} bytes in all]",
+            2 * MAX_DETAIL_BYTES
+        )));
+        assert_eq!(recordable("short".into()), "short");
+    }
 }

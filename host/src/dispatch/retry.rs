@@ -46,8 +46,12 @@ impl RetryPolicy {
                 self.max_attempts
             ));
         }
-        let delay = self.backoff(attempt).max(requested.unwrap_or_default());
-        if age + delay > self.max_age {
+        // A plugin's wish beyond max_age means giving up, as any delay past it does; capping
+        // it there keeps an absurd wish (u64::MAX ms) from reaching the store's date
+        // arithmetic, which has a range.
+        let requested = requested.unwrap_or_default().min(self.max_age);
+        let delay = self.backoff(attempt).max(requested);
+        if age.saturating_add(delay) > self.max_age {
             return RetryDecision::GiveUp(format!(
                 "gave up: the next attempt would be past max_age ({})",
                 humantime::format_duration(self.max_age)
@@ -113,6 +117,15 @@ mod tests {
         ));
         assert!(matches!(
             policy().after_failure(1, Duration::from_secs(3599), Some(Duration::from_secs(5))),
+            RetryDecision::GiveUp(why) if why.contains("max_age")
+        ));
+    }
+
+    #[test]
+    fn a_wish_beyond_max_age_gives_up() {
+        let forever = Some(Duration::from_millis(u64::MAX));
+        assert!(matches!(
+            policy().after_failure(1, Duration::from_secs(1), forever),
             RetryDecision::GiveUp(why) if why.contains("max_age")
         ));
     }

@@ -21,8 +21,13 @@ use super::limits::CallLimits;
 use crate::capabilities::http::{HttpCapability, HttpFailure, OutboundRequest};
 use crate::store::NewEvent;
 
-/// Bytes of a plugin's stderr kept per call (beyond it, writes trap).
+/// Bytes of a plugin's stderr kept per instance (beyond it, writes fail).
 const STDERR_CAPACITY: usize = 64 << 10;
+
+/// Longest event type, entity type, entity id, target, idempotency key or header name an
+/// emitted event may have: these are routing and lookup keys, not payload, and an
+/// unbounded one would be copied into every index and log line that names the event.
+const MAX_EMIT_FIELD_BYTES: usize = 1024;
 
 /// What a route grants its plugin; shared by every call on the route.
 pub struct RouteGrant {
@@ -44,10 +49,20 @@ pub struct HostState {
     /// Where the current event's stderr begins in `stderr`.
     stderr_start: usize,
     pub(super) emitted: Vec<NewEvent>,
+    /// Data and header bytes of the events the current event's call emitted.
+    emitted_bytes: usize,
+    /// Emits of the current event's call that the host refused, and why the first was:
+    /// a `delivered` outcome with refused emits would commit only part of its effect.
+    pub(super) emits_refused: u32,
+    pub(super) first_refused_emit: Option<String>,
+    http_requests: u32,
     log_bytes: usize,
     log_truncated: bool,
     /// Set when the plugin asked for more memory than the route allows.
     pub(super) memory_refused: Option<usize>,
+    /// Set when a host call trapped the plugin for exceeding a per-call limit: the
+    /// attempt's reason.
+    pub(super) limit_exceeded: Option<String>,
 }
 
 impl HostState {
@@ -68,9 +83,14 @@ impl HostState {
             stderr,
             stderr_start: 0,
             emitted: Vec::new(),
+            emitted_bytes: 0,
+            emits_refused: 0,
+            first_refused_emit: None,
+            http_requests: 0,
             log_bytes: 0,
             log_truncated: false,
             memory_refused: None,
+            limit_exceeded: None,
         }
     }
 
@@ -80,9 +100,14 @@ impl HostState {
     pub(super) fn begin_event(&mut self, event_id: i64) {
         self.event_id = event_id;
         self.emitted.clear();
+        self.emitted_bytes = 0;
+        self.emits_refused = 0;
+        self.first_refused_emit = None;
+        self.http_requests = 0;
         self.log_bytes = 0;
         self.log_truncated = false;
         self.memory_refused = None;
+        self.limit_exceeded = None;
         self.stderr_start = self.stderr.contents().len();
     }
 
@@ -151,7 +176,26 @@ impl ResourceLimiter for HostState {
 impl types::Host for HostState {}
 
 impl http::Host for HostState {
-    async fn send(&mut self, request: http::Request) -> Result<http::Response, http::Error> {
+    async fn send(
+        &mut self,
+        request: http::Request,
+    ) -> wasmtime::Result<Result<http::Response, http::Error>> {
+        let limit = self.grant.limits.max_http_requests;
+        if self.http_requests >= limit {
+            let reason = format!("{limit} HTTP requests per attempt");
+            self.limit_exceeded = Some(reason.clone());
+            wasmtime::bail!(reason);
+        }
+        self.http_requests += 1;
+        Ok(self.send_within_limits(request).await)
+    }
+}
+
+impl HostState {
+    async fn send_within_limits(
+        &mut self,
+        request: http::Request,
+    ) -> Result<http::Response, http::Error> {
         let Some(capability) = self.grant.http.clone() else {
             return Err(http::Error::Denied(format!(
                 "route '{}' allows no HTTP hosts (set allowed_hosts)",
@@ -195,19 +239,78 @@ impl http::Host for HostState {
 
 impl emit::Host for HostState {
     async fn emit(&mut self, event: emit::NewEvent) -> Result<(), emit::EmitError> {
+        let accepted = self.accept_emit(event);
+        if let Err(refusal) = &accepted {
+            self.emits_refused = self.emits_refused.saturating_add(1);
+            if self.first_refused_emit.is_none() {
+                self.first_refused_emit = Some(match refusal {
+                    emit::EmitError::Invalid(why) => format!("invalid event: {why}"),
+                    emit::EmitError::LimitReached(limit) => {
+                        format!("emit limit of {limit} events per attempt reached")
+                    }
+                });
+            }
+        }
+        accepted
+    }
+}
+
+impl HostState {
+    /// Checks an emitted event against the call's limits and against what every store
+    /// can hold (Postgres `text` and `jsonb` refuse NUL characters, and an event that
+    /// cannot be written would make the whole outcome unrecordable).
+    fn accept_emit(&mut self, event: emit::NewEvent) -> Result<(), emit::EmitError> {
         let limits = &self.grant.limits;
         if self.emitted.len() >= limits.max_emits as usize {
             return Err(emit::EmitError::LimitReached(limits.max_emits));
         }
-        if event.data.len() > limits.max_emit_bytes {
-            return Err(emit::EmitError::Invalid(format!(
-                "data is {} bytes, over the limit of {}",
-                event.data.len(),
+        let invalid = emit::EmitError::Invalid;
+        let size = event.data.len()
+            + event
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        if size > limits.max_emit_bytes {
+            return Err(invalid(format!(
+                "data and headers are {size} bytes, over the limit of {}",
                 limits.max_emit_bytes
             )));
         }
+        if self.emitted_bytes + size > limits.max_emitted_bytes {
+            return Err(invalid(format!(
+                "the events emitted in this attempt would exceed {} bytes in all",
+                limits.max_emitted_bytes
+            )));
+        }
+        let keys = [
+            ("event_type", Some(&event.event_type)),
+            ("entity_type", Some(&event.entity_type)),
+            ("entity_id", Some(&event.entity_id)),
+            ("target", event.target.as_ref()),
+            ("idempotency_key", event.idempotency_key.as_ref()),
+        ];
+        for (field, value) in keys {
+            let Some(value) = value else { continue };
+            if value.trim().is_empty() {
+                return Err(invalid(format!("{field} is empty")));
+            }
+            field_fits(field, value).map_err(invalid)?;
+        }
+        for (name, value) in &event.headers {
+            if name.trim().is_empty() {
+                return Err(invalid("a header name is empty".into()));
+            }
+            field_fits("header name", name).map_err(invalid)?;
+            if value.contains('\0') {
+                return Err(invalid(format!("header '{name}' contains a NUL character")));
+            }
+        }
         let data: serde_json::Value = serde_json::from_str(&event.data)
-            .map_err(|err| emit::EmitError::Invalid(format!("data is not valid JSON: {err}")))?;
+            .map_err(|err| invalid(format!("data is not valid JSON: {err}")))?;
+        if json_contains_nul(&data) {
+            return Err(invalid("data contains a NUL character (\\u0000)".into()));
+        }
         let headers: serde_json::Map<String, serde_json::Value> = event
             .headers
             .into_iter()
@@ -222,9 +325,34 @@ impl emit::Host for HostState {
             idempotency_key: event.idempotency_key,
             headers: Some(headers),
         };
-        new_event.validate().map_err(emit::EmitError::Invalid)?;
+        new_event.validate().map_err(invalid)?;
+        self.emitted_bytes += size;
         self.emitted.push(new_event);
         Ok(())
+    }
+}
+
+fn field_fits(field: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_EMIT_FIELD_BYTES {
+        return Err(format!(
+            "{field} is {} bytes, over the limit of {MAX_EMIT_FIELD_BYTES}",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!("{field} contains a NUL character"));
+    }
+    Ok(())
+}
+
+fn json_contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(json_contains_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || json_contains_nul(value)),
+        _ => false,
     }
 }
 
@@ -253,6 +381,7 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push_str(" …[truncated]");
         }
+        let message = without_control_characters(message);
         self.log_bytes += message.len();
         let (event_id, route, plugin) = (self.event_id, &self.grant.route, &self.grant.plugin);
         match level {
@@ -265,8 +394,48 @@ impl log::Host for HostState {
     }
 }
 
+/// A plugin's log line with control characters escaped (`\n` as `\\n`): in the text log
+/// format a raw newline or terminal escape would let a plugin forge lines of the host's
+/// log or garble the terminal reading it.
+fn without_control_characters(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    let mut escaped = String::with_capacity(message.len() + 16);
+    for c in message.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
+}
+
 impl config::Host for HostState {
     async fn get(&mut self, key: String) -> Option<String> {
         self.grant.config.get(&key).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_cannot_forge_other_lines() {
+        assert_eq!(
+            without_control_characters("ok\n2026-01-01 INFO forged\u{1b}[2J".into()),
+            "ok\\n2026-01-01 INFO forged\\u{1b}[2J"
+        );
+        assert_eq!(without_control_characters("plain é".into()), "plain é");
+    }
+
+    #[test]
+    fn nul_anywhere_in_emitted_data_is_found() {
+        let nested = serde_json::json!({ "a": [1, { "b": "x\u{0}y" }] });
+        assert!(json_contains_nul(&nested));
+        assert!(json_contains_nul(&serde_json::json!({ "k\u{0}": 1 })));
+        assert!(!json_contains_nul(&serde_json::json!({ "a": ["fine"] })));
     }
 }

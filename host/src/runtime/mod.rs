@@ -44,6 +44,16 @@ pub enum PluginFault {
     MemoryLimit { limit: usize, requested: usize },
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// A Rust guest's panic: its message and location, read from the plugin's stderr.
+    #[error("plugin panicked: {0}")]
+    Panic(String),
+    /// A per-call limit of a host capability (e.g. `http.send` calls).
+    #[error("plugin exceeded its limit of {0}")]
+    CapabilityLimit(String),
+    /// The plugin answered `delivered` although the host refused some of its emits:
+    /// recording it would commit only part of the effect, so the attempt fails instead.
+    #[error("plugin answered delivered after the host refused {refused} of its emits (first: {first}); nothing it emitted is committed")]
+    EmitsRefused { refused: u32, first: String },
     #[error("plugin could not be instantiated: {0}")]
     Instantiate(String),
 }
@@ -245,7 +255,7 @@ impl PluginRuntime {
             let call = current.instance.call_handle(&mut current.store, &event);
             let outcome = match tokio::time::timeout(limits.time + grace, call).await {
                 Err(_) => Err(PluginFault::TimeLimit(limits.time)),
-                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Ok(outcome)) => answered(outcome, current.store.data()),
                 Ok(Err(err)) => Err(classify(&err, current.store.data(), &limits)),
             };
             current.served += 1;
@@ -300,6 +310,21 @@ struct LiveInstance {
     served: u32,
 }
 
+/// The plugin's own answer, unless it answered `delivered` after the host refused some of
+/// its emits.
+fn answered(outcome: Outcome, state: &HostState) -> Result<Outcome, PluginFault> {
+    match (&outcome, &state.first_refused_emit) {
+        (Outcome::Delivered(_), Some(first)) => Err(PluginFault::EmitsRefused {
+            refused: state.emits_refused,
+            first: first.clone(),
+        }),
+        _ => Ok(outcome),
+    }
+}
+
+/// Bytes of a plugin's stderr, or of its panic message, quoted in a fault's reason.
+const STDERR_IN_REASON: usize = 500;
+
 fn classify(err: &wasmtime::Error, state: &HostState, limits: &CallLimits) -> PluginFault {
     if let Some(requested) = state.memory_refused {
         return PluginFault::MemoryLimit {
@@ -307,15 +332,81 @@ fn classify(err: &wasmtime::Error, state: &HostState, limits: &CallLimits) -> Pl
             requested,
         };
     }
+    if let Some(limit) = &state.limit_exceeded {
+        return PluginFault::CapabilityLimit(limit.clone());
+    }
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return PluginFault::TimeLimit(limits.time);
+    }
+    // A Rust guest prints its panic to stderr and then aborts, which is a trap: the
+    // message is what explains it. The whole of the event's stderr (at most the pipe's
+    // capacity) is searched, so a long message cannot push the `panicked at` line out.
+    if let Some(panic) = state
+        .stderr_tail(usize::MAX)
+        .as_deref()
+        .and_then(panic_message)
+    {
+        return PluginFault::Panic(panic);
+    }
+    let stderr = state.stderr_tail(STDERR_IN_REASON);
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginFault::TimeLimit(limits.time),
         Some(trap) => {
-            let mut reason = trap.to_string();
-            if let Some(stderr) = state.stderr_tail(500) {
+            let mut reason = match trap {
+                Trap::StackOverflow => format!("stack overflow ({trap})"),
+                _ => trap.to_string(),
+            };
+            if let Some(stderr) = stderr {
                 reason.push_str(&format!("; stderr: {stderr}"));
             }
             PluginFault::Trap(reason)
         }
         None => PluginFault::Trap(plugin::first_line(err)),
+    }
+}
+
+/// `<message> (at <file:line:column>)` from the stderr of a Rust guest that
+/// panicked: `thread '<unnamed>' panicked at src/lib.rs:15:9:`, the message on the
+/// following lines, then maybe a `note: run with RUST_BACKTRACE` hint. The tail has its
+/// lines joined with ` | ` (as `stderr_tail` gives it).
+fn panic_message(stderr: &str) -> Option<String> {
+    const MARKER: &str = " panicked at ";
+    let after = &stderr[stderr.rfind(MARKER)? + MARKER.len()..];
+    let (location, message) = after.split_once(" | ").unwrap_or((after, ""));
+    let location = location.trim().trim_end_matches(':');
+    let message = message
+        .split(" | ")
+        .take_while(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let mut message = message.trim();
+    if message.is_empty() {
+        message = "(no message)";
+    }
+    if message.len() > STDERR_IN_REASON {
+        let cut = (0..=STDERR_IN_REASON)
+            .rev()
+            .find(|i| message.is_char_boundary(*i))
+            .unwrap_or(0);
+        return Some(format!("{} …[truncated] (at {location})", &message[..cut]));
+    }
+    Some(format!("{message} (at {location})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_message;
+
+    #[test]
+    fn a_panic_is_told_by_its_message_and_location() {
+        let stderr = "thread '<unnamed>' panicked at src/lib.rs:15:9: | no url for order 7 | note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("no url for order 7 (at src/lib.rs:15:9)")
+        );
+        let long = format!("thread 'x' panicked at a.rs:1:1: | {}", "é".repeat(1000));
+        let told = panic_message(&long).unwrap_or_default();
+        assert!(told.ends_with(" …[truncated] (at a.rs:1:1)"), "{told}");
+        assert!(told.len() < 600);
+        assert_eq!(panic_message("just some output"), None);
     }
 }
