@@ -1,8 +1,8 @@
-//! Quarantine: a plugin that faults (traps, runs past its time or memory limit) on event
-//! after event is broken, not unlucky. Retrying each event on its own schedule would keep
-//! burning CPU and fill the attempts log, so after a run of consecutive faults the plugin's
-//! routes pause, on every instance (the verdict is a store row), until an operator runs
-//! `herald plugins resume NAME`. Deliveries wait, unclaimed; nothing is dropped.
+//! Quarantine: a plugin that faults (traps, panics, breaks a time, memory or call limit) on
+//! event after event is broken, not unlucky. Retrying each event on its own schedule would
+//! keep burning CPU and fill the attempts log, so after a run of consecutive faults the
+//! plugin's routes pause, on every instance (the verdict is a store row), until an operator
+//! runs `herald plugins resume NAME`. Deliveries wait, unclaimed; nothing is dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
