@@ -271,7 +271,7 @@ async fn fault_run(
     let (gate, gate_watch) = watch::channel(0u64);
     let produced = Arc::new(AtomicI64::new(0));
     let started = Instant::now();
-    let producer = tokio::spawn(produce(
+    let mut producer = tokio::spawn(produce(
         db.clone(),
         size.events,
         size.entities,
@@ -366,7 +366,7 @@ async fn fault_run(
     gate.send_replace(size.events);
 
     // Every event produced, then every delivery settled (SUCCESS or DEAD).
-    let settled = settle(db, &mut fleet, size, &producer, &produced, run_deadline).await;
+    let settled = settle(db, &mut fleet, size, &mut producer, &produced, run_deadline).await;
     let duration = started.elapsed();
     follow.abort();
     bar.finish_and_clear();
@@ -461,7 +461,7 @@ async fn settle(
     db: &Db,
     fleet: &mut Fleet,
     size: &Size,
-    producer: &tokio::task::JoinHandle<anyhow::Result<()>>,
+    producer: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
     produced: &AtomicI64,
     deadline: Instant,
 ) -> anyhow::Result<()> {
@@ -471,8 +471,13 @@ async fn settle(
             eprintln!("CRASH: {crash}; restarted");
         }
         if producer.is_finished() && produced.load(Ordering::Relaxed) < total {
+            let why = match producer.await {
+                Ok(Err(err)) => format!("{err:#}"),
+                Ok(Ok(())) => "no error".into(),
+                Err(err) => err.to_string(),
+            };
             bail!(
-                "the producer stopped after {} of {total} events",
+                "the producer stopped after {} of {total} events: {why}",
                 produced.load(Ordering::Relaxed)
             );
         }
