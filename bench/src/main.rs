@@ -39,6 +39,7 @@ Scenarios:
   latency   created -> delivered at a steady 1,000 events/s while Herald runs
   overhead  per-event cost of the wasm runtime vs a native no-op handler
   hotswap   deploy alternating plugin builds under load: time to serve, failed attempts
+  neighbour the no-op drain beside a route whose plugin faults: does its rate hold?
 
 Postgres: HERALD_BENCH_PG, else HERALD_TEST_PG, else postgres://postgres@127.0.0.1:5432/test;
 each scenario gets a schema of its own, dropped afterwards. Plugins: target/plugins (run

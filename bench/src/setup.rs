@@ -131,30 +131,51 @@ impl Db {
         first: i64,
         last: i64,
     ) -> anyhow::Result<()> {
+        self.insert_mixed(table, event_type, None, first, last)
+            .await
+    }
+
+    /// Like [`Db::insert_range`], with every `every`-th event of `other_type` instead: two
+    /// kinds of events interleaved over the same entities.
+    pub async fn insert_mixed(
+        &self,
+        table: &str,
+        event_type: &str,
+        other: Option<(&str, i64)>,
+        first: i64,
+        last: i64,
+    ) -> anyhow::Result<()> {
+        let (other_type, every) = other.unwrap_or((event_type, i64::MAX));
         match self {
             Db::Sqlite(pool) => {
                 let sql = format!(
                     "WITH RECURSIVE s(g) AS (SELECT ?2 UNION ALL SELECT g + 1 FROM s WHERE g < ?3) \
                      INSERT INTO {table} (event_type, entity_type, entity_id, event_data) \
-                     SELECT ?1, 'bench', CAST(g % {ENTITIES} AS TEXT), json_object('seq', g) FROM s"
+                     SELECT CASE WHEN g % ?5 = 0 THEN ?4 ELSE ?1 END, 'bench', \
+                     CAST(g % {ENTITIES} AS TEXT), json_object('seq', g) FROM s"
                 );
                 sqlx::query(&sql)
                     .bind(event_type)
                     .bind(first)
                     .bind(last)
+                    .bind(other_type)
+                    .bind(every)
                     .execute(pool)
                     .await?;
             }
             Db::Postgres(pool) => {
                 let sql = format!(
                     "INSERT INTO {table} (event_type, entity_type, entity_id, event_data) \
-                     SELECT $1, 'bench', (g % {ENTITIES})::text, jsonb_build_object('seq', g) \
+                     SELECT CASE WHEN g % $5 = 0 THEN $4 ELSE $1 END, 'bench', \
+                     (g % {ENTITIES})::text, jsonb_build_object('seq', g) \
                      FROM generate_series($2::bigint, $3::bigint) AS g"
                 );
                 sqlx::query(&sql)
                     .bind(event_type)
                     .bind(first)
                     .bind(last)
+                    .bind(other_type)
+                    .bind(every)
                     .execute(pool)
                     .await?;
             }

@@ -278,3 +278,73 @@ async fn emits_past_the_per_call_limit_are_refused_and_nothing_is_committed() {
     assert!(herald.events_of_type("chatty.echo").await.is_empty());
     herald.finish().await;
 }
+
+/// A plugin computing until its time limit must not hold the thread it runs on. Two
+/// spinning plugins on a two-thread runtime: another route's events are delivered while
+/// they spin. (Before plugins yielded at every epoch tick, the two spins held both threads
+/// for their whole time limit and everything else waited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_plugins_do_not_stall_other_routes() {
+    let routes = [
+        route(
+            "spin",
+            "fault.spin",
+            "spin",
+            "time_limit = \"10s\"\nordering = \"none\"",
+        ),
+        route("fine", "ok.*", "echo", "ordering = \"none\""),
+    ]
+    .concat();
+    let herald = Herald::sqlite(&routes).await;
+    let spins = [
+        herald.append(event("fault.spin", "s1")).await,
+        herald.append(event("fault.spin", "s2")).await,
+    ];
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = herald.service.dispatcher.run(stopped);
+    let check = async {
+        // Once both spins are claimed, the fine route's events go in.
+        loop {
+            let claimed = herald
+                .store
+                .list_deliveries(&DeliveryFilter {
+                    route: Some("spin".into()),
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .expect("deliveries")
+                .iter()
+                .filter(|d| d.attempts > 0)
+                .count();
+            if claimed == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut fine = Vec::new();
+        for n in 0..20 {
+            fine.push(herald.append(event("ok.tick", &format!("e{n}"))).await);
+        }
+        loop {
+            let mut done = true;
+            for id in &fine {
+                done &= herald.status(*id).await == EventStatus::Success;
+            }
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // All delivered while the spins were still running: no attempt of theirs recorded.
+        for spin in spins {
+            assert!(
+                herald.attempts(spin).await.is_empty(),
+                "the other route waited for the spinning plugins"
+            );
+        }
+        let _ = stop.send(true);
+    };
+    tokio::join!(running, check);
+    herald.finish().await;
+}

@@ -1,4 +1,4 @@
-//! The six scenarios. Each builds its own database per backend, measures, tears it down
+//! The scenarios. Each builds its own database per backend, measures, tears it down
 //! and returns its table; a failure on one backend is reported in its row and the run goes
 //! on (the exit code says something failed).
 
@@ -6,6 +6,7 @@ mod ceiling;
 mod drain;
 mod hotswap;
 mod latency;
+mod neighbour;
 mod overhead;
 
 use std::collections::HashMap;
@@ -25,16 +26,18 @@ pub enum Scenario {
     Latency,
     Overhead,
     Hotswap,
+    Neighbour,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Ceiling,
         Scenario::Noop,
         Scenario::Webhook,
         Scenario::Latency,
         Scenario::Overhead,
         Scenario::Hotswap,
+        Scenario::Neighbour,
     ];
 }
 
@@ -66,6 +69,7 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Tab
         Scenario::Latency => latency::table(ctx, backends).await,
         Scenario::Overhead => overhead::table(ctx).await,
         Scenario::Hotswap => hotswap::table(ctx, backends).await,
+        Scenario::Neighbour => neighbour::table(ctx, backends).await,
     }
 }
 
@@ -87,13 +91,24 @@ fn one_line(toml: &str) -> String {
 
 /// Preload events `1..=n` of `event_type` into `table`, in chunks, with a progress bar.
 async fn preload(env: &Env, table: &str, event_type: &str, n: u64) -> anyhow::Result<()> {
+    preload_mixed(env, table, event_type, None, n).await
+}
+
+/// [`preload`], with every `every`-th event of `other_type` (see [`crate::setup::Db::insert_mixed`]).
+async fn preload_mixed(
+    env: &Env,
+    table: &str,
+    event_type: &str,
+    other: Option<(&str, i64)>,
+    n: u64,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let bar = crate::progress::bar(n, &format!("insert {} {table}", env.backend.name()));
     let mut first = 1u64;
     while first <= n {
         let last = (first + crate::tuning::PRELOAD_CHUNK - 1).min(n);
         env.db
-            .insert_range(table, event_type, first as i64, last as i64)
+            .insert_mixed(table, event_type, other, first as i64, last as i64)
             .await
             .with_context(|| format!("inserting rows {first}..={last} into {table}"))?;
         bar.set_position(last);

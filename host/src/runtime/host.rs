@@ -63,6 +63,8 @@ pub struct HostState {
     /// Set when a host call trapped the plugin for exceeding a per-call limit: the
     /// attempt's reason.
     pub(super) limit_exceeded: Option<String>,
+    /// When the running call's time limit is up (checked at every epoch tick).
+    pub(super) call_deadline: Option<std::time::Instant>,
 }
 
 impl HostState {
@@ -91,6 +93,7 @@ impl HostState {
             log_truncated: false,
             memory_refused: None,
             limit_exceeded: None,
+            call_deadline: None,
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use wasmtime::component::Linker;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 pub use bindings::{ConfigKey, Event, Outcome, PluginInfo, RetryRequest};
 pub use engine::EngineSettings;
@@ -189,7 +189,17 @@ impl PluginRuntime {
         let mut store = Store::new(&self.engine, HostState::new(grant, event_id));
         store.limiter(|state| state);
         self.arm_time_limit(&mut store, time_limit);
-        store.epoch_deadline_trap();
+        // At every epoch tick a running plugin either stops (its time is up) or hands its
+        // thread back to the executor for a moment. Without the yield, a plugin computing
+        // until its limit holds a runtime worker thread all that time: on 2 cores, two
+        // such plugins stalled every other route, their claims and their commits.
+        store.epoch_deadline_callback(|store| match store.data().call_deadline {
+            Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
+            _ => Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            )),
+        });
         store
     }
 
@@ -297,9 +307,8 @@ impl PluginRuntime {
     }
 
     fn arm_time_limit(&self, store: &mut Store<HostState>, limit: Duration) {
-        let tick = self.settings.epoch_tick.as_nanos().max(1);
-        let ticks = limit.as_nanos().div_ceil(tick);
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).max(1));
+        store.data_mut().call_deadline = Some(Instant::now() + limit);
+        store.set_epoch_deadline(1);
     }
 }
 
