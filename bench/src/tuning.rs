@@ -8,9 +8,10 @@ use std::time::Duration;
 pub const DRAIN_DISPATCH: &str =
     "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"";
 
-/// `[dispatch]` of the faulting-neighbour run (scenario 8): the drain's, with quarantine
-/// off, so the faulting plugin keeps taking slots for the whole run (the worst case).
-pub const NEIGHBOUR_DISPATCH: &str = "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"\nquarantine_after = 0";
+/// `[dispatch]` of the faulting-neighbour run (scenario 8), but for `quarantine_after`,
+/// which each row sets: the drain's.
+pub const NEIGHBOUR_DISPATCH: &str =
+    "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"";
 
 /// `[dispatch]` of the latency run (scenario 4). Postgres wakes on NOTIFY; SQLite has only
 /// the poll interval, which therefore bounds its latency.
