@@ -306,14 +306,8 @@ async fn spinning_plugins_do_not_stall_other_routes() {
         // Once both spins are claimed, the fine route's events go in.
         loop {
             let claimed = herald
-                .store
-                .list_deliveries(&DeliveryFilter {
-                    route: Some("spin".into()),
-                    limit: 10,
-                    ..Default::default()
-                })
+                .deliveries_of("spin")
                 .await
-                .expect("deliveries")
                 .iter()
                 .filter(|d| d.attempts > 0)
                 .count();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Herald;
-use herald::store::{DeliveryFilter, EventStatus, NewEvent};
+use herald::store::{EventStatus, NewEvent};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -39,14 +39,8 @@ impl Captured {
 
 async fn fragile_attempts(herald: &Herald) -> i32 {
     herald
-        .store
-        .list_deliveries(&DeliveryFilter {
-            route: Some("fragile".into()),
-            limit: 1000,
-            ..Default::default()
-        })
+        .deliveries_of("fragile")
         .await
-        .expect("deliveries")
         .iter()
         .map(|d| d.attempts)
         .sum()

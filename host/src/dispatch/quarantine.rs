@@ -58,6 +58,15 @@ impl Quarantines {
                     }
                     view.plugins = now;
                     view.read_at = Some(Instant::now());
+                    // The gauges change only with the view, so they are set here, not on
+                    // every claim.
+                    let mut plugins: Vec<&str> =
+                        routes.values().map(|r| r.plugin.as_str()).collect();
+                    plugins.sort_unstable();
+                    plugins.dedup();
+                    for plugin in plugins {
+                        crate::metrics::plugin_quarantined(plugin, view.plugins.contains(plugin));
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(%err, "cannot read quarantined plugins; keeping the last view")
@@ -65,12 +74,6 @@ impl Quarantines {
             }
         }
         let view = lock(&self.view);
-        let mut plugins: Vec<&str> = routes.values().map(|r| r.plugin.as_str()).collect();
-        plugins.sort_unstable();
-        plugins.dedup();
-        for plugin in plugins {
-            crate::metrics::plugin_quarantined(plugin, view.plugins.contains(plugin));
-        }
         routes
             .values()
             .filter(|route| view.plugins.contains(&route.plugin))

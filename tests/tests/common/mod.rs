@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use herald::config::Config;
 use herald::service::Service;
-use herald::store::{self, Attempt, EventDetail, EventFilter, EventStatus, EventStore, NewEvent};
+use herald::store::{
+    self, Attempt, DeliveryFilter, EventDetail, EventFilter, EventStatus, EventStore, NewEvent,
+};
 use herald_tests::PgSchema;
 
 /// Where `tests/build-plugins` puts `NAME.wasm`.
@@ -207,6 +209,18 @@ impl Herald {
             })
             .await
             .expect("list")
+    }
+
+    /// The deliveries of one route (at most 1,000).
+    pub async fn deliveries_of(&self, route: &str) -> Vec<store::Delivery> {
+        self.store
+            .list_deliveries(&DeliveryFilter {
+                route: Some(route.into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("deliveries")
     }
 
     pub async fn finish(self) {
