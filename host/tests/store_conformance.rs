@@ -1537,6 +1537,150 @@ async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
 
 // ---------------------------------------------------------------------------------------
 
+/// Fan out with a grant to start what is due: (event, route) of each started delivery.
+async fn fan_out_starting(f: &Fixture, grant: &ClaimRequest) -> Vec<store::ClaimedDelivery> {
+    let (_, started) = f
+        .store
+        .fan_out_starting(&FanOutRequest::new(10), Some(grant), &router)
+        .await
+        .expect("fan out");
+    started
+}
+
+fn started_pairs(started: &[store::ClaimedDelivery]) -> HashSet<(i64, String)> {
+    started
+        .iter()
+        .map(|d| (d.event.event_id, d.route.clone()))
+        .collect()
+}
+
+async fn fan_out_starts_what_is_due_and_leaves_the_rest_to_claims(f: &Fixture) {
+    let a1 = f.store.append(&order("A", 1)).await.expect("append");
+    let a2 = f.store.append(&order("A", 2)).await.expect("append");
+    let b1 = f.store.append(&order("B", 1)).await.expect("append");
+    let p1 = f
+        .store
+        .append(&NewEvent::new(
+            "payment.made",
+            "payment",
+            "P",
+            json!({ "n": 7 }),
+        ))
+        .await
+        .expect("append");
+
+    let started = fan_out_starting(f, &claim_request("alpha", 10)).await;
+    assert_eq!(
+        started_pairs(&started),
+        HashSet::from([
+            (a1, "orders".to_string()),
+            (b1, "orders".to_string()),
+            (p1, "ledger".to_string()),
+            (p1, "audit".to_string()),
+        ]),
+        "A's second event waits behind its first"
+    );
+    for delivery in &started {
+        assert_eq!(delivery.attempt, 1);
+        assert_eq!(
+            delivery.idempotency_key,
+            format!("herald-{}-{}", delivery.event.event_id, delivery.route)
+        );
+        assert_eq!(delivery.event.event_status, EventStatus::Ready);
+        let data: serde_json::Value =
+            serde_json::from_str(delivery.event.event_data.as_deref().expect("payload"))
+                .expect("JSON payload");
+        assert!(data.get("n").is_some(), "{data}");
+        assert!(delivery.already_completed.is_none());
+    }
+    assert!(
+        claim(f, "beta", 10).await.is_empty(),
+        "started deliveries are leased; A's second waits"
+    );
+
+    let first_a = started
+        .iter()
+        .find(|d| d.event.event_id == a1)
+        .expect("a1 started");
+    assert!(matches!(
+        complete_one(f, first_a, "alpha", Outcome::delivered()).await,
+        CompletionResult::Committed { .. }
+    ));
+    let next = claim(f, "beta", 10).await;
+    assert_eq!(
+        next.iter().map(|d| d.event.event_id).collect::<Vec<_>>(),
+        vec![a2]
+    );
+
+    // An open delivery from an earlier pass holds the entity's new event back too.
+    let a3 = f.store.append(&order("A", 3)).await.expect("append");
+    assert!(fan_out_starting(f, &claim_request("alpha", 10))
+        .await
+        .is_empty());
+    complete_one(f, &next[0], "beta", Outcome::delivered()).await;
+    let last = claim(f, "beta", 10).await;
+    assert_eq!(
+        last.iter().map(|d| d.event.event_id).collect::<Vec<_>>(),
+        vec![a3]
+    );
+}
+
+async fn fan_out_starts_no_more_than_granted_and_nothing_paused(f: &Fixture) {
+    let p1 = f
+        .store
+        .append(&NewEvent::new("payment.made", "payment", "P", json!({})))
+        .await
+        .expect("append");
+    let c1 = f.store.append(&order("C", 1)).await.expect("append");
+    let d1 = f.store.append(&order("D", 1)).await.expect("append");
+    let grant = ClaimRequest {
+        paused_routes: vec!["ledger".into()],
+        ..claim_request("alpha", 2)
+    };
+    let started = fan_out_starting(f, &grant).await;
+    assert_eq!(
+        started_pairs(&started),
+        HashSet::from([(p1, "audit".to_string()), (c1, "orders".to_string())])
+    );
+    let rest = claim(f, "beta", 10).await;
+    assert_eq!(
+        started_pairs(&rest),
+        HashSet::from([(p1, "ledger".to_string()), (d1, "orders".to_string())])
+    );
+}
+
+async fn a_started_delivery_knows_a_purged_events_completed_key(f: &Fixture) {
+    let first = f
+        .store
+        .append(&order("A", 1).with_key("k-9"))
+        .await
+        .expect("append");
+    let started = fan_out_starting(f, &claim_request("alpha", 10)).await;
+    assert_eq!(started.len(), 1);
+    complete_one(f, &started[0], "alpha", Outcome::delivered()).await;
+
+    // Retention purged the event; the ledger outlives it.
+    f.exec(&format!(
+        "DELETE FROM herald_attempts WHERE event_id = {first}"
+    ))
+    .await;
+    f.exec(&format!(
+        "DELETE FROM herald_deliveries WHERE event_id = {first}"
+    ))
+    .await;
+    f.exec(&format!("DELETE FROM events WHERE event_id = {first}"))
+        .await;
+    f.store
+        .append(&order("A", 2).with_key("k-9"))
+        .await
+        .expect("append");
+    let again = fan_out_starting(f, &claim_request("alpha", 10)).await;
+    assert_eq!(again.len(), 1);
+    let ledger = again[0].already_completed.as_ref().expect("ledger entry");
+    assert_eq!(ledger.event_id, first);
+    assert_eq!(ledger.idempotency_key, "k-9");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1596,4 +1740,7 @@ on_both_backends!(
     a_quarantined_plugins_routes_are_left_unclaimed,
     hostile_rows_settle_one_by_one_and_the_rest_flows,
     sql_meta_characters_round_trip,
+    fan_out_starts_what_is_due_and_leaves_the_rest_to_claims,
+    fan_out_starts_no_more_than_granted_and_nothing_paused,
+    a_started_delivery_knows_a_purged_events_completed_key,
 );

@@ -150,12 +150,13 @@ impl EventStore for CrashBeforeCommit {
     async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
         self.inner.append_batch(events).await
     }
-    async fn fan_out(
+    async fn fan_out_starting(
         &self,
         request: &FanOutRequest,
+        start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<FanOutReport> {
-        self.inner.fan_out(request, router).await
+    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
+        self.inner.fan_out_starting(request, start, router).await
     }
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         self.inner.claim(request).await

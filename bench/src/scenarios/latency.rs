@@ -21,6 +21,40 @@ struct Measured {
     produced_per_sec: f64,
     /// Sorted.
     latencies: Vec<Duration>,
+    /// Where the time went (Postgres only): (stage, p50, p99).
+    stages: Vec<(&'static str, Duration, Duration)>,
+}
+
+/// The stages of created → plugin call, from the store's own timestamps (each `now()` is
+/// its transaction's start): the event's `created_at`, its delivery's `created_at` (the
+/// fan-out transaction) and the attempt's `started_at` (the plugin call).
+const STAGES: [(&str, &str); 3] = [
+    ("insert → fan-out", "d.created_at - e.created_at"),
+    ("fan-out → plugin call", "a.started_at - d.created_at"),
+    ("insert → plugin call", "a.started_at - e.created_at"),
+];
+
+async fn stages(env: &Env) -> anyhow::Result<Vec<(&'static str, Duration, Duration)>> {
+    if env.backend != Backend::Postgres {
+        return Ok(Vec::new());
+    }
+    let mut stages = Vec::new();
+    for (name, interval) in STAGES {
+        let at = async |q: f64| -> anyhow::Result<Duration> {
+            let micros = env
+                .db
+                .scalar(&format!(
+                    "SELECT (percentile_cont({q}) WITHIN GROUP (ORDER BY \
+                     extract(epoch FROM {interval})) * 1000000)::bigint \
+                     FROM herald_attempts a JOIN herald_deliveries d USING (delivery_id) \
+                     JOIN events e ON e.event_id = a.event_id"
+                ))
+                .await?;
+            Ok(Duration::from_micros(u64::try_from(micros).unwrap_or(0)))
+        };
+        stages.push((name, at(0.5).await?, at(0.99).await?));
+    }
+    Ok(stages)
 }
 
 pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
@@ -56,6 +90,20 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
         .await;
         match measured {
             Ok(m) => {
+                if !m.stages.is_empty() {
+                    let stages: Vec<String> = m
+                        .stages
+                        .iter()
+                        .map(|(name, p50, p99)| {
+                            format!("{name} p50 {} / p99 {} ms", millis(*p50), millis(*p99))
+                        })
+                        .collect();
+                    table.note(format!(
+                        "{}, from the store's timestamps: {}.",
+                        backend.name(),
+                        stages.join("; ")
+                    ));
+                }
                 let at = |q| quantile(&m.latencies, q).map_or("-".to_string(), millis);
                 table.row(vec![
                     backend.name().to_string(),
@@ -88,6 +136,13 @@ async fn measure(env: &Env, plugins: &std::path::Path, sizes: &Sizes) -> anyhow:
         tokio::spawn(async move { service.dispatcher.run(stopped).await })
     };
     let measured = produce(env, &sink, sizes).await;
+    let measured = match measured {
+        Ok(mut m) => {
+            m.stages = stages(env).await?;
+            Ok(m)
+        }
+        Err(err) => Err(err),
+    };
     let _ = stop.send(true);
     runner.await.context("the dispatcher task")?;
     measured
@@ -141,6 +196,7 @@ async fn produce(env: &Env, sink: &Sink, sizes: &Sizes) -> anyhow::Result<Measur
         events: latencies.len(),
         produced_per_sec: total as f64 / produced_for.as_secs_f64(),
         latencies,
+        stages: Vec::new(),
     })
 }
 

@@ -217,55 +217,71 @@ impl Dispatcher {
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
-        let fanned = self.fan_out_once().await?;
+        let (fanned, started) = self.fan_out_once().await?;
         let claimed = self.claim_and_start().await?;
         Ok(PassReport {
             fanned_out: fanned.events(),
-            claimed,
+            claimed: started + claimed,
         })
     }
 
-    async fn fan_out_once(&self) -> Result<FanOutReport, StoreError> {
+    /// Fan out one batch, starting at once the new deliveries the free slots take (no
+    /// claim round trip for them); returns the report and how many it started.
+    async fn fan_out_once(&self) -> Result<(FanOutReport, usize), StoreError> {
         let table = self.table.current();
-        let report = self
+        let grant = self.claim_request().await;
+        let (report, started) = self
             .store
-            .fan_out(
+            .fan_out_starting(
                 &FanOutRequest {
                     limit: self.settings.batch_size,
                     max_event_bytes: self.settings.max_event_bytes,
                 },
+                grant.as_ref().map(|(request, _)| request),
                 &|head| table.router.plans_for(head),
             )
             .await?;
         crate::metrics::fanned_out(&report);
-        if report.deliveries > 0 {
+        let waiting = report.deliveries.saturating_sub(started.len());
+        if waiting > 0 {
             self.ahead
-                .fetch_add(count(report.deliveries), AtomicOrdering::Relaxed);
+                .fetch_add(count(waiting), AtomicOrdering::Relaxed);
             self.claimable.notify_one();
         }
-        Ok(report)
+        let started_count = started.len();
+        if let Some((_, free)) = grant {
+            self.start(started, free).await;
+        }
+        Ok((report, started_count))
     }
 
-    /// Claim as many deliveries as the free slots take and start them; returns how many.
-    async fn claim_and_start(&self) -> Result<usize, StoreError> {
+    /// What the free slots can take now, as a claim (with the slots counted); `None` when
+    /// every slot is busy.
+    async fn claim_request(&self) -> Option<(ClaimRequest, usize)> {
         let free = self.slots.available_permits();
         if free == 0 {
-            return Ok(0);
+            return None;
         }
         let limit = (self.settings.batch_size as usize).min(free * DELIVERIES_PER_TASK);
         let paused_routes = self
             .quarantines
             .paused_routes(self.store.as_ref(), &self.table.current().routes)
             .await;
-        let claimed = self
-            .store
-            .claim(&ClaimRequest {
-                owner: self.settings.instance_id.clone(),
-                limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                lease: self.settings.lease,
-                paused_routes,
-            })
-            .await?;
+        let request = ClaimRequest {
+            owner: self.settings.instance_id.clone(),
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            lease: self.settings.lease,
+            paused_routes,
+        };
+        Some((request, free))
+    }
+
+    /// Claim as many deliveries as the free slots take and start them; returns how many.
+    async fn claim_and_start(&self) -> Result<usize, StoreError> {
+        let Some((request, free)) = self.claim_request().await else {
+            return Ok(0);
+        };
+        let claimed = self.store.claim(&request).await?;
         let started = claimed.len();
         if started > 0 {
             self.ahead
@@ -276,10 +292,15 @@ impl Dispatcher {
             self.ahead.store(0, AtomicOrdering::Relaxed);
         }
         self.claimed.notify_one();
-        // Spread the batch over the free slots; each task runs its share in one plugin
-        // instance after another, which is what makes a call cheap.
-        let per_task = claimed.len().div_ceil(free).max(1);
-        for (route, deliveries) in by_route(claimed) {
+        self.start(claimed, free).await;
+        Ok(started)
+    }
+
+    /// Run leased deliveries: spread them over the `free` slots; each task runs its share
+    /// in one plugin instance after another, which is what makes a call cheap.
+    async fn start(&self, leased: Vec<ClaimedDelivery>, free: usize) {
+        let per_task = leased.len().div_ceil(free).max(1);
+        for (route, deliveries) in by_route(leased) {
             crate::metrics::claimed(&route, deliveries.len());
             let mut deliveries = deliveries.into_iter().peekable();
             while deliveries.peek().is_some() {
@@ -311,7 +332,6 @@ impl Dispatcher {
                 );
             }
         }
-        Ok(started)
     }
 
     /// Wait until every started delivery has finished.
@@ -349,7 +369,7 @@ impl Dispatcher {
             while self.run_ahead() {
                 self.claimed.notified().await;
             }
-            if self.fan_out_once().await?.events() == 0 {
+            if self.fan_out_once().await?.0.events() == 0 {
                 return Ok(());
             }
         }
@@ -463,7 +483,7 @@ impl Dispatcher {
                 continue;
             }
             match self.fan_out_once().await {
-                Ok(report) if report.events() >= self.settings.batch_size as usize => continue,
+                Ok((report, _)) if report.events() >= self.settings.batch_size as usize => continue,
                 Ok(_) => {}
                 Err(err) => {
                     tracing::error!(%err, "fan-out failed; retrying after the poll interval")

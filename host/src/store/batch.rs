@@ -1,11 +1,14 @@
 //! What a fan-out pass or a batch of completions writes, worked out once for both
 //! backends. The backends only turn these rows into their own batched SQL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::fan_out::{settle_from_deliveries, Candidate, Disposition, RouteState};
-use super::{delivery_key, Completion, DeliveryStatus, EventStatus, FanOutReport, Outcome, Router};
+use super::{
+    delivery_key, ClaimRequest, ClaimedDelivery, Completion, DeliveryStatus, Event, EventStatus,
+    FanOutReport, LedgerEntry, Outcome, Router, StoreError, StoreResult,
+};
 
 /// A delivery fan-out creates.
 pub(crate) struct NewDelivery {
@@ -15,6 +18,10 @@ pub(crate) struct NewDelivery {
     pub entity_id: String,
     pub ordered: bool,
     pub idempotency_key: String,
+    /// Leased to the fan-out's caller on insert (attempt 1), to run at once.
+    pub start: bool,
+    /// The event has a producer key: the ledger may know it from an earlier event.
+    pub producer_keyed: bool,
 }
 
 /// An event's new status and the reason an operator will read.
@@ -28,6 +35,8 @@ pub(crate) struct FanOutPlan {
     pub deliveries: Vec<NewDelivery>,
     pub settlements: Vec<Settlement>,
     pub report: FanOutReport,
+    /// The events that received deliveries, by id.
+    pub events: HashMap<i64, Event>,
 }
 
 /// Decide every candidate. `key_holders` maps a candidate's event id to an earlier event
@@ -41,6 +50,7 @@ pub(crate) fn plan_fan_out(
         deliveries: Vec::with_capacity(candidates.len()),
         settlements: Vec::new(),
         report: FanOutReport::default(),
+        events: HashMap::new(),
     };
     for candidate in candidates {
         let event_id = candidate.head.event_id;
@@ -72,12 +82,97 @@ pub(crate) fn plan_fan_out(
                         entity_type: candidate.head.entity_type.clone(),
                         entity_id: candidate.head.entity_id.clone(),
                         ordered: route.ordered,
+                        start: false,
+                        producer_keyed: candidate.idempotency_key.is_some(),
                     });
                 }
+                plan.events.insert(event_id, candidate.into_event());
             }
         }
     }
     plan
+}
+
+/// The new deliveries fan-out may start itself under `grant`, as far as this batch alone
+/// tells (indexes into `deliveries`): routes that are not paused, and on an ordered route
+/// only an entity's first delivery of the batch. The store then drops those whose lane
+/// already has an earlier open delivery, and starts at most `grant.limit` of the rest.
+pub(crate) fn start_candidates(deliveries: &[NewDelivery], grant: &ClaimRequest) -> Vec<usize> {
+    let mut lanes: HashSet<(&str, &str, &str)> = HashSet::new();
+    deliveries
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !grant.paused_routes.contains(&d.route))
+        .filter(|(_, d)| {
+            !d.ordered || lanes.insert((d.route.as_str(), d.entity_type.as_str(), &d.entity_id))
+        })
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// Mark up to `limit` of `candidates`, less the `blocked` ones, as started.
+pub(crate) fn mark_started(
+    deliveries: &mut [NewDelivery],
+    candidates: &[usize],
+    blocked: &HashSet<usize>,
+    limit: u32,
+) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    for &index in candidates
+        .iter()
+        .filter(|index| !blocked.contains(index))
+        .take(limit)
+    {
+        if let Some(delivery) = deliveries.get_mut(index) {
+            delivery.start = true;
+        }
+    }
+}
+
+/// Keep `start` only on the deliveries the insert did start (`ids`, by (event, route)).
+pub(crate) fn confirm_started(deliveries: &mut [NewDelivery], ids: &HashMap<(i64, String), i64>) {
+    for delivery in deliveries.iter_mut().filter(|d| d.start) {
+        delivery.start = ids.contains_key(&(delivery.event_id, delivery.route.clone()));
+    }
+}
+
+/// The deliveries fan-out started, as claims on their first attempt. `ids` maps (event,
+/// route) to the inserted delivery's id; `ledger` holds the completed effects of the
+/// started deliveries' producer keys, by (route, key).
+pub(crate) fn started_claims(
+    plan: &FanOutPlan,
+    ids: &HashMap<(i64, String), i64>,
+    ledger: &HashMap<(String, String), LedgerEntry>,
+) -> StoreResult<Vec<ClaimedDelivery>> {
+    plan.deliveries
+        .iter()
+        .filter(|d| d.start)
+        .map(|d| {
+            let missing = |what: &str| {
+                StoreError::Invariant(format!(
+                    "fan-out started a delivery of event {} on route '{}' without its {what}",
+                    d.event_id, d.route
+                ))
+            };
+            let delivery_id = *ids
+                .get(&(d.event_id, d.route.clone()))
+                .ok_or_else(|| missing("id"))?;
+            let event = plan
+                .events
+                .get(&d.event_id)
+                .ok_or_else(|| missing("event"))?;
+            Ok(ClaimedDelivery {
+                delivery_id,
+                route: d.route.clone(),
+                attempt: 1,
+                idempotency_key: d.idempotency_key.clone(),
+                already_completed: ledger
+                    .get(&(d.route.clone(), d.idempotency_key.clone()))
+                    .cloned(),
+                event: event.clone(),
+            })
+        })
+        .collect()
 }
 
 /// A delivery whose completion matched its lease, as the delivery update returned it.

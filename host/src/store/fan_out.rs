@@ -1,6 +1,8 @@
 //! What fan-out decides for one READY event, independent of the database.
 
-use super::{EventHead, EventStatus, RoutePlan, Router};
+use chrono::{DateTime, Utc};
+
+use super::{Event, EventHead, EventStatus, RoutePlan, Router};
 
 /// A READY event without deliveries, as read by fan-out.
 pub(crate) struct Candidate {
@@ -8,6 +10,8 @@ pub(crate) struct Candidate {
     /// The stored payload (`None`: NULL), or why it was not read (unreadable, too big).
     pub event_data: Result<Option<String>, String>,
     pub idempotency_key: Option<String>,
+    pub headers: Option<String>,
+    pub created_at: DateTime<Utc>,
     /// What else is wrong with the row as stored (columns that are not text, headers
     /// that are not a JSON object, ...), found while reading it.
     pub problems: Vec<String>,
@@ -53,6 +57,23 @@ impl Candidate {
             };
         }
         Disposition::Deliver(routes)
+    }
+
+    /// The event as a plugin gets it, for deliveries fan-out starts itself.
+    pub fn into_event(self) -> Event {
+        Event {
+            event_id: self.head.event_id,
+            event_target: self.head.event_target,
+            event_type: self.head.event_type,
+            entity_type: self.head.entity_type,
+            entity_id: self.head.entity_id,
+            event_data: self.event_data.ok().flatten(),
+            event_status: EventStatus::Ready,
+            status_reason: None,
+            idempotency_key: self.idempotency_key,
+            headers: self.headers,
+            created_at: self.created_at,
+        }
     }
 
     /// Everything wrong with the event, in one reason; `None` when it can be delivered.

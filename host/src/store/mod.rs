@@ -68,7 +68,20 @@ pub trait EventStore: Send + Sync {
         &self,
         request: &FanOutRequest,
         router: &Router<'_>,
-    ) -> StoreResult<FanOutReport>;
+    ) -> StoreResult<FanOutReport> {
+        Ok(self.fan_out_starting(request, None, router).await?.0)
+    }
+
+    /// [`EventStore::fan_out`], and with `start` lease the new deliveries that are due at
+    /// once (route not paused; on an ordered route, no earlier open delivery of the entity)
+    /// to `start.owner` as their first attempt, up to `start.limit`, and return them to
+    /// run now: one transaction instead of a fan-out and a claim.
+    async fn fan_out_starting(
+        &self,
+        request: &FanOutRequest,
+        start: Option<&ClaimRequest>,
+        router: &Router<'_>,
+    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)>;
 
     /// Lease due deliveries. A delivery on an ordered route is only due when no earlier
     /// event of the same entity still has an open delivery on that route.

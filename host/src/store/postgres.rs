@@ -24,8 +24,8 @@ use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
-    FanOutRequest, Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError,
-    StoreResult,
+    FanOutRequest, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection, Router,
+    StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -42,6 +42,14 @@ const EVENT_COLUMNS: &str = "event_id, event_target, event_type, entity_type, en
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections whose commits do not wait for the WAL flush, for the transactions that
+    /// only take leases (fan-out, claims). Losing such a commit in a database crash loses
+    /// a lease, never an outcome: a later synchronous commit (every outcome's) flushes all
+    /// WAL before it, so an outcome is durable only with the lease it records; a lost
+    /// lease means the delivery runs again under the same idempotency key, as after any
+    /// crash between an attempt and its record. What it saves is a WAL flush on the path
+    /// from an event's insert to its plugin call.
+    lease_pool: PgPool,
     url: String,
 }
 
@@ -63,10 +71,15 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        let lease_pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         drop(probe);
         Ok(PostgresStore {
             pool,
+            lease_pool,
             url: redacted,
         })
     }
@@ -188,16 +201,36 @@ async fn key_holders(
         .collect())
 }
 
-async fn insert_deliveries(conn: &mut PgConnection, deliveries: &[NewDelivery]) -> StoreResult<()> {
+/// Insert the deliveries, those marked `start` leased to `start`'s owner on their first
+/// attempt unless an earlier open delivery of their entity on their (ordered) route is
+/// still open: then they wait for a claim like the rest. Returns the ids of the started
+/// ones by (event, route).
+async fn insert_deliveries(
+    conn: &mut PgConnection,
+    deliveries: &[NewDelivery],
+    start: Option<&ClaimRequest>,
+) -> StoreResult<HashMap<(i64, String), i64>> {
     if deliveries.is_empty() {
-        return Ok(());
+        return Ok(HashMap::new());
     }
     let column = |f: fn(&NewDelivery) -> &str| deliveries.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-         idempotency_key) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
-           $6::text[])",
+    let started: Vec<(i64, i64, String)> = sqlx::query_as(
+        "WITH created AS (\
+           INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+             idempotency_key, locked_by, locked_until, attempts) \
+           SELECT event_id, route, entity_type, entity_id, ordered, key, \
+             CASE WHEN go THEN $8 END, \
+             CASE WHEN go THEN now() + make_interval(secs => $9) END, \
+             CASE WHEN go THEN 1 ELSE 0 END \
+           FROM (SELECT u.*, u.start AND (NOT u.ordered OR NOT EXISTS (\
+               SELECT 1 FROM herald_deliveries p WHERE p.route = u.route \
+               AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
+               AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY'))) AS go \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+               $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
+               ordered, key, start)) AS u \
+           RETURNING delivery_id, event_id, route, locked_by IS NOT NULL AS started) \
+         SELECT delivery_id, event_id, route FROM created WHERE started",
     )
     .bind(deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>())
     .bind(column(|d| &d.route))
@@ -205,10 +238,49 @@ async fn insert_deliveries(conn: &mut PgConnection, deliveries: &[NewDelivery]) 
     .bind(column(|d| &d.entity_id))
     .bind(deliveries.iter().map(|d| d.ordered).collect::<Vec<_>>())
     .bind(column(|d| &d.idempotency_key))
-    .execute(conn)
+    .bind(deliveries.iter().map(|d| d.start).collect::<Vec<_>>())
+    .bind(start.map(|s| s.owner.as_str()))
+    .bind(start.map_or(0.0, |s| s.lease.as_secs_f64()))
+    .fetch_all(conn)
     .await
     .doing("creating deliveries")?;
-    Ok(())
+    Ok(started
+        .into_iter()
+        .map(|(delivery_id, event_id, route)| ((event_id, route), delivery_id))
+        .collect())
+}
+
+/// What the ledger holds for the producer keys of the deliveries fan-out started, by
+/// (route, key). (A derived key names its own new delivery: no ledger can hold it yet.)
+async fn started_ledger(
+    conn: &mut PgConnection,
+    deliveries: &[NewDelivery],
+) -> StoreResult<HashMap<(String, String), LedgerEntry>> {
+    let keyed: Vec<&NewDelivery> = deliveries
+        .iter()
+        .filter(|d| d.start && d.producer_keyed)
+        .collect();
+    if keyed.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT i.route, i.idempotency_key, i.outcome AS ledger_outcome, \
+           i.event_id AS ledger_event_id, i.detail AS ledger_detail, \
+           i.completed_at AS ledger_completed_at \
+         FROM herald_idempotency i JOIN UNNEST($1::text[], $2::text[]) AS k(route, key) \
+           ON i.route = k.route AND i.idempotency_key = k.key",
+    )
+    .bind(keyed.iter().map(|d| d.route.as_str()).collect::<Vec<_>>())
+    .bind(
+        keyed
+            .iter()
+            .map(|d| d.idempotency_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(conn)
+    .await
+    .doing("reading the ledger for started deliveries")?;
+    rows::ledger_by_key(&rows)
 }
 
 async fn apply_settlements(conn: &mut PgConnection, settlements: &[Settlement]) -> StoreResult<()> {
@@ -475,22 +547,36 @@ impl EventStore for PostgresStore {
         Ok(ids)
     }
 
-    async fn fan_out(
+    async fn fan_out_starting(
         &self,
         request: &FanOutRequest,
+        start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<FanOutReport> {
-        let mut tx = self.pool.begin().await.doing("starting fan-out")?;
+    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
+        let mut tx = self.lease_pool.begin().await.doing("starting fan-out")?;
         let candidates = take_candidates(&mut tx, request).await?;
         if candidates.is_empty() {
-            return Ok(FanOutReport::default());
+            return Ok((FanOutReport::default(), Vec::new()));
         }
         let holders = key_holders(&mut tx, &candidates).await?;
-        let plan = batch::plan_fan_out(candidates, &holders, router);
-        insert_deliveries(&mut tx, &plan.deliveries).await?;
+        let mut plan = batch::plan_fan_out(candidates, &holders, router);
+        if let Some(grant) = start.filter(|grant| grant.limit > 0) {
+            // The lanes' open deliveries are checked by the insert itself.
+            let startable = batch::start_candidates(&plan.deliveries, grant);
+            batch::mark_started(
+                &mut plan.deliveries,
+                &startable,
+                &HashSet::new(),
+                grant.limit,
+            );
+        }
+        let ids = insert_deliveries(&mut tx, &plan.deliveries, start).await?;
+        batch::confirm_started(&mut plan.deliveries, &ids);
+        let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
         apply_settlements(&mut tx, &plan.settlements).await?;
         tx.commit().await.doing("committing fan-out")?;
-        Ok(plan.report)
+        let started = batch::started_claims(&plan, &ids, &ledger)?;
+        Ok((plan.report, started))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
@@ -528,7 +614,7 @@ impl EventStore for PostgresStore {
         .bind(request.lease.as_secs_f64())
         .bind(i64::from(request.limit))
         .bind(&request.paused_routes)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lease_pool)
         .await
         .doing("claiming deliveries")?;
         rows.iter().map(rows::claimed).collect()

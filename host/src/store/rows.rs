@@ -129,6 +129,19 @@ pub(crate) fn ledger(row: &impl StoreRow) -> StoreResult<Option<LedgerEntry>> {
     }))
 }
 
+/// Ledger rows (as [`ledger`] reads them) by (route, key).
+pub(crate) fn ledger_by_key(
+    rows: &[impl StoreRow],
+) -> StoreResult<std::collections::HashMap<(String, String), LedgerEntry>> {
+    let mut entries = std::collections::HashMap::new();
+    for row in rows {
+        if let Some(entry) = ledger(row)? {
+            entries.insert((entry.route.clone(), entry.idempotency_key.clone()), entry);
+        }
+    }
+    Ok(entries)
+}
+
 /// A claim row: the delivery's columns, the event's (its own key as `producer_key`, since
 /// `idempotency_key` is the delivery's) and the ledger's.
 pub(crate) fn claimed(row: &impl StoreRow) -> StoreResult<ClaimedDelivery> {
@@ -205,9 +218,10 @@ pub(crate) fn candidate(row: &impl StoreRow, max_event_bytes: u64) -> StoreResul
     if let Some(problem) = headers.as_deref().and_then(headers_problem) {
         problems.push(problem);
     }
-    if let Err(err) = row.time("created_at") {
+    let created_at = row.time("created_at").unwrap_or_else(|err| {
         problems.push(unreadable(err));
-    }
+        DateTime::<Utc>::UNIX_EPOCH
+    });
     if let Some(problem) = over_limit(row, "headers", max_event_bytes) {
         problems.push(problem);
     }
@@ -226,6 +240,8 @@ pub(crate) fn candidate(row: &impl StoreRow, max_event_bytes: u64) -> StoreResul
         },
         event_data,
         idempotency_key,
+        headers,
+        created_at,
         problems,
     })
 }

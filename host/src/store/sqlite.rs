@@ -29,7 +29,8 @@ use super::time::{
 use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
-    Instance, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
+    Instance, LedgerEntry, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError,
+    StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -229,14 +230,63 @@ async fn key_holders(
     Ok(holders)
 }
 
+/// Which of `candidates` (indexes into `deliveries`; only ordered routes can be) wait
+/// behind an earlier open delivery of their entity on their route.
+async fn blocked_lanes(
+    conn: &mut SqliteConnection,
+    deliveries: &[NewDelivery],
+    candidates: &[usize],
+) -> StoreResult<HashSet<usize>> {
+    let ordered: Vec<serde_json::Value> = candidates
+        .iter()
+        .filter_map(|&i| deliveries.get(i).map(|d| (i, d)))
+        .filter(|(_, d)| d.ordered)
+        .map(|(i, d)| {
+            serde_json::json!({
+                "i": i,
+                "route": d.route,
+                "entity_type": d.entity_type,
+                "entity_id": d.entity_id,
+                "event_id": d.event_id,
+            })
+        })
+        .collect();
+    if ordered.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let blocked: Vec<i64> = sqlx::query_scalar(
+        "SELECT json_extract(u.value, '$.i') FROM json_each($1) u \
+         WHERE EXISTS (SELECT 1 FROM herald_deliveries p \
+           WHERE p.route = json_extract(u.value, '$.route') \
+           AND p.entity_type = json_extract(u.value, '$.entity_type') \
+           AND p.entity_id = json_extract(u.value, '$.entity_id') \
+           AND p.event_id < json_extract(u.value, '$.event_id') \
+           AND p.status IN ('PENDING', 'RETRY'))",
+    )
+    .bind(serde_json::Value::from(ordered).to_string())
+    .fetch_all(&mut *conn)
+    .await
+    .doing("checking the entities' open deliveries")?;
+    Ok(blocked
+        .into_iter()
+        .filter_map(|i| usize::try_from(i).ok())
+        .collect())
+}
+
+/// Insert the deliveries, those marked `start` leased to `start`'s owner on their first
+/// attempt. Returns the ids of the started ones by (event, route).
 async fn insert_deliveries(
     conn: &mut SqliteConnection,
     deliveries: &[NewDelivery],
-) -> StoreResult<()> {
+    start: Option<&ClaimRequest>,
+) -> StoreResult<HashMap<(i64, String), i64>> {
+    let owner = start.map(|s| s.owner.as_str());
+    let until = sqlite_offset(start.map_or(Duration::ZERO, |s| s.lease));
+    let mut started = HashMap::new();
     for chunk in deliveries.chunks(ROWS_PER_INSERT) {
-        QueryBuilder::<Sqlite>::new(
+        let rows: Vec<(i64, i64, String, bool)> = QueryBuilder::<Sqlite>::new(
             "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-             idempotency_key) ",
+             idempotency_key, locked_by, locked_until, attempts) ",
         )
         .push_values(chunk, |mut row, d| {
             row.push_bind(d.event_id)
@@ -245,13 +295,53 @@ async fn insert_deliveries(
                 .push_bind(&d.entity_id)
                 .push_bind(d.ordered)
                 .push_bind(&d.idempotency_key);
+            if d.start {
+                row.push_bind(owner)
+                    .push("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ")
+                    .push_bind_unseparated(until.clone())
+                    .push_unseparated(")")
+                    .push("1");
+            } else {
+                row.push("NULL").push("NULL").push("0");
+            }
         })
-        .build()
-        .execute(&mut *conn)
+        .push(" RETURNING delivery_id, event_id, route, locked_by IS NOT NULL")
+        .build_query_as()
+        .fetch_all(&mut *conn)
         .await
         .doing("creating deliveries")?;
+        started.extend(
+            rows.into_iter()
+                .filter(|(_, _, _, started)| *started)
+                .map(|(delivery_id, event_id, route, _)| ((event_id, route), delivery_id)),
+        );
     }
-    Ok(())
+    Ok(started)
+}
+
+/// What the ledger holds for the producer keys of the deliveries fan-out started, by
+/// (route, key). (A derived key names its own new delivery: no ledger can hold it yet.)
+async fn started_ledger(
+    conn: &mut SqliteConnection,
+    deliveries: &[NewDelivery],
+) -> StoreResult<HashMap<(String, String), LedgerEntry>> {
+    let mut rows = Vec::new();
+    for delivery in deliveries.iter().filter(|d| d.start && d.producer_keyed) {
+        rows.extend(
+            sqlx::query(
+                "SELECT route, idempotency_key, outcome AS ledger_outcome, \
+                   event_id AS ledger_event_id, detail AS ledger_detail, \
+                   completed_at AS ledger_completed_at \
+                 FROM herald_idempotency WHERE route = $1 AND idempotency_key = $2",
+            )
+            .bind(&delivery.route)
+            .bind(&delivery.idempotency_key)
+            .fetch_optional(&mut *conn)
+            .await
+            .doing("reading the ledger for started deliveries")?,
+        );
+    }
+    rows::ledger_by_key(&rows)
 }
 
 async fn apply_settlements(
@@ -450,19 +540,28 @@ impl EventStore for SqliteStore {
         Ok(ids)
     }
 
-    async fn fan_out(
+    async fn fan_out_starting(
         &self,
         request: &FanOutRequest,
+        start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<FanOutReport> {
+    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
         let (_turn, mut tx) = self.begin_write().await?;
         let candidates = take_candidates(&mut tx, request).await?;
         let holders = key_holders(&mut tx, &candidates).await?;
-        let plan = batch::plan_fan_out(candidates, &holders, router);
-        insert_deliveries(&mut tx, &plan.deliveries).await?;
+        let mut plan = batch::plan_fan_out(candidates, &holders, router);
+        if let Some(grant) = start.filter(|grant| grant.limit > 0) {
+            let startable = batch::start_candidates(&plan.deliveries, grant);
+            let blocked = blocked_lanes(&mut tx, &plan.deliveries, &startable).await?;
+            batch::mark_started(&mut plan.deliveries, &startable, &blocked, grant.limit);
+        }
+        let ids = insert_deliveries(&mut tx, &plan.deliveries, start).await?;
+        batch::confirm_started(&mut plan.deliveries, &ids);
+        let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
         apply_settlements(&mut tx, &plan.settlements).await?;
         tx.commit().await.doing("committing fan-out")?;
-        Ok(plan.report)
+        let started = batch::started_claims(&plan, &ids, &ledger)?;
+        Ok((plan.report, started))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
