@@ -91,10 +91,19 @@ impl Db {
         value.with_context(|| format!("running `{sql}`"))
     }
 
-    /// Events still READY (the partial index keeps this cheap as the backlog shrinks).
+    /// Events still READY (the status index keeps this cheap as the backlog shrinks).
     pub async fn ready_events(&self) -> anyhow::Result<i64> {
         self.scalar("SELECT count(*) FROM events WHERE event_status = 'READY'")
             .await
+    }
+
+    /// Events of `event_type` still READY.
+    pub async fn ready_events_of_type(&self, event_type: &str) -> anyhow::Result<i64> {
+        self.scalar(&format!(
+            "SELECT count(*) FROM events WHERE event_status = 'READY' \
+             AND event_type = '{event_type}'"
+        ))
+        .await
     }
 
     pub async fn events_with_status(&self, status: &str) -> anyhow::Result<i64> {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use super::{one_line, preload_mixed, with_env, Ctx};
 use crate::report::{count, rate, ratio, secs, Table};
 use crate::setup::{noop_route, Backend, Env};
-use crate::tuning::{NEIGHBOUR_DISPATCH, PROGRESS_EVERY};
+use crate::tuning::{FINISH_POLL, NEIGHBOUR_DISPATCH, PROGRESS_EVERY};
 
 /// A misbehaving route beside the no-op one.
 #[derive(Debug, Clone, Copy)]
@@ -168,9 +168,10 @@ async fn drain_beside(
     };
     // Done when every no-op event is SUCCESS; the neighbour's retries may still run.
     let elapsed = loop {
-        let success = env.db.events_with_status("SUCCESS").await?;
-        bar.set_position(u64::try_from(success).unwrap_or(0));
-        if success >= noop_events as i64 {
+        let remaining = env.db.ready_events_of_type("bench.drain").await?;
+        let success = noop_events.saturating_sub(u64::try_from(remaining).unwrap_or(0));
+        bar.set_position(success);
+        if remaining == 0 {
             break started.elapsed();
         }
         if started.elapsed() > bound {
@@ -180,9 +181,7 @@ async fn drain_beside(
                 env.db.status_summary().await
             );
         }
-        if draining.is_finished()
-            && env.db.events_with_status("SUCCESS").await? < noop_events as i64
-        {
+        if draining.is_finished() && env.db.ready_events_of_type("bench.drain").await? > 0 {
             // Finished without every no-op event delivered: the status says why.
             let result = draining.await.context("the drain task")?;
             result.context("dispatch")?;
@@ -191,12 +190,30 @@ async fn drain_beside(
                 env.db.status_summary().await
             );
         }
-        tokio::time::sleep(PROGRESS_EVERY / 20).await;
+        // Look often near the end (the figure is timed by this loop), seldom while much
+        // is left (each look costs the database a walk over what is left).
+        let share_left = remaining as f64 / noop_events.max(1) as f64;
+        tokio::time::sleep(PROGRESS_EVERY.mul_f64(share_left).max(FINISH_POLL)).await;
     };
     bar.finish_and_clear();
     match tokio::time::timeout(bound, draining).await {
         Err(_) => bail!("the neighbour's retries did not finish within {bound:?}"),
         Ok(joined) => joined.context("the drain task")?.context("dispatch")?,
+    }
+    // A drain leaves deliveries waiting for a retry that is not due yet; the neighbour's
+    // last ones come due within its backoff.
+    if quarantine_after == 0 {
+        let deadline = Instant::now() + bound;
+        while env.db.events_with_status("FAILED").await? > 0 {
+            if Instant::now() > deadline {
+                bail!(
+                    "the neighbour's retries did not finish within {bound:?}: {}",
+                    env.db.status_summary().await
+                );
+            }
+            tokio::time::sleep(FINISH_POLL).await;
+            service.dispatcher.drain().await.context("dispatch")?;
+        }
     }
     let neighbour_attempts = env
         .db
