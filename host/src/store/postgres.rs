@@ -627,8 +627,8 @@ impl EventStore for PostgresStore {
         // A small group is planned for its own few ids. Left to choose, Postgres settles on
         // a statement's generic plan after five runs when that looks as cheap, which it
         // does while the tables are small, and keeps it as they grow (until an ANALYZE):
-        // at 1,000 events/s into new tables, the look-ups by id of small groups became
-        // sequential scans that took most of Postgres's time (BENCHMARKS.md). Large
+        // at 1,000 events/s into new tables, the look-ups by id of small groups slowed as
+        // the tables grew and took most of Postgres's time (BENCHMARKS.md). Large
         // groups keep the plan cache: planned for each of their arrays, the drain lost a
         // fifth of its rate.
         let begin = if completions.len() <= CUSTOM_PLAN_GROUP {
