@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use herald::config::Config;
@@ -192,12 +192,16 @@ impl Db {
         Ok(())
     }
 
-    /// One event in its own transaction, as a producer writes it.
-    pub async fn insert_one(&self, event_type: &str, seq: i64) -> anyhow::Result<()> {
+    /// One event in its own transaction, as a producer writes it. Returns the instant the
+    /// producer had its connection and sent the insert: the event's creation, as its
+    /// `created_at` records it (the wait for a pooled connection is the producer's own).
+    pub async fn insert_one(&self, event_type: &str, seq: i64) -> anyhow::Result<Instant> {
         let entity = (seq.rem_euclid(ENTITIES as i64)).to_string();
         let data = format!("{{\"seq\":{seq}}}");
         match self {
             Db::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let created = Instant::now();
                 sqlx::query(
                     "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
                      VALUES (?1, 'bench', ?2, ?3)",
@@ -205,10 +209,13 @@ impl Db {
                 .bind(event_type)
                 .bind(entity)
                 .bind(data)
-                .execute(pool)
+                .execute(&mut *conn)
                 .await?;
+                Ok(created)
             }
             Db::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                let created = Instant::now();
                 sqlx::query(
                     "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
                      VALUES ($1, 'bench', $2, $3::jsonb)",
@@ -216,11 +223,11 @@ impl Db {
                 .bind(event_type)
                 .bind(entity)
                 .bind(data)
-                .execute(pool)
+                .execute(&mut *conn)
                 .await?;
+                Ok(created)
             }
         }
-        Ok(())
     }
 
     async fn close(&self) {

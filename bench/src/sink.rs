@@ -12,6 +12,7 @@ use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::serve::ListenerExt;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
@@ -36,6 +37,13 @@ impl Sink {
             .await
             .context("binding a loopback port for the sink")?;
         let address = listener.local_addr().context("the sink's address")?;
+        // As receivers behind nginx and most HTTP servers run: a response is sent when
+        // written, not held back until the previous one is acknowledged.
+        let listener = listener.tap_io(|stream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                eprintln!("sink: cannot set TCP_NODELAY: {err}");
+            }
+        });
         let state = Arc::new(SinkState {
             record,
             ..SinkState::default()

@@ -8,6 +8,9 @@
 //! What each metric is for:
 //! - `herald_deliveries_claimed_total{route}`: work taken on per route; rate vs. attempts
 //!   shows claims whose outcome never got recorded.
+//! - `herald_claims_total{result}`: claim round trips to the store, by whether they took
+//!   work (found) or not (empty); a steady rate of empty claims is load on the database
+//!   for nothing (each is planned and run), and should come only from the poll interval.
 //! - `herald_attempts_total{route,plugin,outcome}`: recorded attempt outcomes (delivered,
 //!   retry, dead, skipped); the delivery success rate and dead-letter alarms.
 //! - `herald_outcomes_lost_total{route,reason}`: attempts whose outcome was not recorded
@@ -42,6 +45,7 @@ use crate::store::{AttemptOutcome, Backlog, EventStore, FanOutReport, StoreResul
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 const CLAIMED: &str = "herald_deliveries_claimed_total";
+const CLAIMS: &str = "herald_claims_total";
 const ATTEMPTS: &str = "herald_attempts_total";
 const OUTCOMES_LOST: &str = "herald_outcomes_lost_total";
 const ATTEMPT_DURATION: &str = "herald_attempt_duration_seconds";
@@ -98,6 +102,10 @@ fn builder() -> Result<PrometheusBuilder, BuildError> {
 
 fn describe() {
     describe_counter!(CLAIMED, "Deliveries claimed (leased) by this instance.");
+    describe_counter!(
+        CLAIMS,
+        "Claim round trips to the store, by result (found: took work, empty: found none)."
+    );
     describe_counter!(
         ATTEMPTS,
         "Attempts whose outcome was recorded, by outcome (delivered, retry, dead, skipped)."
@@ -183,6 +191,12 @@ pub fn fanned_out(report: &FanOutReport) {
             counter!(FANNED_OUT, "result" => result).increment(events as u64);
         }
     }
+}
+
+/// One claim round trip, which took `taken` deliveries.
+pub fn claim_made(taken: usize) {
+    let result = if taken > 0 { "found" } else { "empty" };
+    counter!(CLAIMS, "result" => result).increment(1);
 }
 
 pub fn claimed(route: &str, count: usize) {

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use herald::store::postgres::plans;
 use herald::store::{
     self, ClaimRequest, Completion, CompletionResult, EventHead, EventStatus, EventStore,
     FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
@@ -199,6 +200,119 @@ async fn an_insert_wakes_a_listener() {
     tokio::time::timeout(Duration::from_secs(10), woken)
         .await
         .expect("the listener was woken by the insert");
+    drop(store);
+    schema.drop().await;
+}
+
+/// The scans of a plan that could read a whole table: a sequential scan, or an index scan
+/// without a condition on the index (a walk over all of it), as (node, index or table).
+fn unbounded_scans(node: &serde_json::Value, found: &mut Vec<(String, String)>) {
+    let kind = node["Node Type"].as_str().unwrap_or_default();
+    let on = node["Index Name"]
+        .as_str()
+        .or(node["Relation Name"].as_str())
+        .unwrap_or_default();
+    let index_scan = matches!(kind, "Index Scan" | "Index Only Scan" | "Bitmap Index Scan");
+    if kind == "Seq Scan" || (index_scan && node.get("Index Cond").is_none()) {
+        found.push((kind.to_owned(), on.to_owned()));
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        unbounded_scans(child, found);
+    }
+}
+
+/// Index walks that are meant: the index holds only the new events, in order, and the
+/// walk stops at the batch limit.
+const BOUNDED_WALKS: &[(&str, &str)] = &[("take_new_events", "events_to_fan_out")];
+
+/// Fan-out and outcome statements are planned once per connection and the plan kept
+/// (plans.rs): a plan made while the tables were empty must still be led by the ids,
+/// lanes and keys each statement names once the tables are large.
+#[tokio::test]
+async fn statements_planned_once_reach_tables_only_through_what_they_name() {
+    let Some(schema) = PgSchema::create("store_pg_plans").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("plan connection");
+    sqlx::raw_sql(plans::PLAN_ONCE)
+        .execute(&mut conn)
+        .await
+        .expect("begin as fan-out and outcomes do");
+    let mut offenders = Vec::new();
+    for (name, statement) in plans::PLANNED_ONCE {
+        sqlx::raw_sql(&format!("PREPARE {name} AS {statement}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+        let parameters: i32 = sqlx::query_scalar(
+            "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await
+        .expect("parameter count");
+        let nulls = vec!["NULL"; usize::try_from(parameters).expect("count")].join(", ");
+        let plan: sqlx::types::JsonValue =
+            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("explain {name}: {e}"));
+        let mut found = Vec::new();
+        unbounded_scans(&plan[0]["Plan"], &mut found);
+        offenders.extend(
+            found
+                .into_iter()
+                .filter(|(_, on)| !BOUNDED_WALKS.contains(&(*name, on.as_str())))
+                .map(|(kind, on)| format!("{name}: {kind} on {on}")),
+        );
+    }
+    assert!(
+        offenders.is_empty(),
+        "plans made on empty tables that read a whole table or index: {offenders:#?}"
+    );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
+/// Retention: deleting events deletes their deliveries and attempts (migration 0006 does
+/// it by statement triggers instead of per-row foreign keys), and nothing else.
+#[tokio::test]
+async fn deleting_events_deletes_their_deliveries_and_attempts() {
+    let Some(schema) = PgSchema::create("store_pg_retention").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut ids = Vec::new();
+    for entity in ["a", "b"] {
+        let event = NewEvent::new("order.created", "order", entity, json!({}));
+        ids.push(store.append(&event).await.expect("append"));
+    }
+    let delivered = deliver_everything(&*store, "relay").await;
+    assert_eq!(delivered.len(), 2);
+
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("operator connection");
+    sqlx::query("DELETE FROM events WHERE event_id = $1")
+        .bind(ids[0])
+        .execute(&mut conn)
+        .await
+        .expect("purge one event");
+    let left = |table: &'static str| {
+        format!("SELECT array_agg(DISTINCT event_id ORDER BY event_id) FROM {table}")
+    };
+    for table in ["herald_deliveries", "herald_attempts"] {
+        let events: Vec<i64> = sqlx::query_scalar(&left(table))
+            .fetch_one(&mut conn)
+            .await
+            .expect("what is left");
+        assert_eq!(events, vec![ids[1]], "{table} after purging {}", ids[0]);
+    }
+    drop(conn);
     drop(store);
     schema.drop().await;
 }

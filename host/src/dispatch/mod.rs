@@ -293,6 +293,7 @@ impl Dispatcher {
         };
         let claimed = self.store.claim(&request).await?;
         let started = claimed.len();
+        crate::metrics::claim_made(started);
         if started > 0 {
             self.ahead
                 .fetch_sub(count(started), AtomicOrdering::Relaxed);

@@ -5,6 +5,8 @@
 //! fanned out an entity's events in parallel, the later event's deliveries could commit
 //! first and be claimed before the earlier event's exist, breaking per-entity order.
 
+pub mod plans;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
@@ -15,6 +17,12 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Notify;
+
+use plans::{
+    CLOSE_DELIVERIES, EVENTS_DELIVERIES, INSERT_DELIVERIES, INSERT_EVENT, KEY_HOLDERS,
+    LOCK_DELIVERIES, LOCK_EVENTS, LOG_ATTEMPTS, PLAN_ONCE, RECORD_KEYS, SETTLE_EVENTS,
+    STARTED_LEDGER, TAKE_NEW_EVENTS,
+};
 
 use super::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
@@ -35,9 +43,6 @@ const NEW_EVENTS_CHANNEL: &str = "herald_events";
 
 /// Key of the advisory lock that serialises fan-out across instances ("herald" in ASCII).
 const FAN_OUT_LOCK: i64 = 0x6865_7261_6c64;
-
-/// Outcome groups up to this size are planned for their own parameters (see `complete`).
-const CUSTOM_PLAN_GROUP: usize = 64;
 
 const EVENT_COLUMNS: &str = "event_id, event_target, event_type, entity_type, entity_id, \
      event_data::text AS event_data, event_status, status_reason, idempotency_key, \
@@ -114,21 +119,17 @@ impl StoreRow for PgRow {
 
 async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<i64> {
     event.validate().map_err(StoreError::Invalid)?;
-    sqlx::query_scalar(
-        "INSERT INTO events (event_target, event_type, entity_type, entity_id, event_data, \
-         idempotency_key, headers) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb) \
-         RETURNING event_id",
-    )
-    .bind(&event.event_target)
-    .bind(&event.event_type)
-    .bind(&event.entity_type)
-    .bind(&event.entity_id)
-    .bind(event.event_data.to_string())
-    .bind(&event.idempotency_key)
-    .bind(event.headers_json())
-    .fetch_one(conn)
-    .await
-    .doing("appending an event")
+    sqlx::query_scalar(INSERT_EVENT)
+        .bind(&event.event_target)
+        .bind(&event.event_type)
+        .bind(&event.entity_type)
+        .bind(&event.entity_id)
+        .bind(event.event_data.to_string())
+        .bind(&event.idempotency_key)
+        .bind(event.headers_json())
+        .fetch_one(conn)
+        .await
+        .doing("appending an event")
 }
 
 /// Take the next new events, oldest first, and mark them fanned out (in the caller's
@@ -141,27 +142,13 @@ async fn take_candidates(
     conn: &mut PgConnection,
     request: &FanOutRequest,
 ) -> StoreResult<Vec<Candidate>> {
-    let rows = sqlx::query(
-        "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held) \
-         UPDATE events e SET fanned_out = TRUE FROM (\
-           SELECT event_id, event_data::text AS data, headers::text AS headers \
-           FROM events, turn \
-           WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
-           ORDER BY event_id LIMIT $1) AS new \
-         WHERE e.event_id = new.event_id \
-         RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
-           coalesce(octet_length(new.data), 0)::bigint AS event_data_bytes, \
-           CASE WHEN octet_length(new.data) <= $3 THEN new.data END AS event_data, \
-           coalesce(octet_length(new.headers), 0)::bigint AS headers_bytes, \
-           CASE WHEN octet_length(new.headers) <= $3 THEN new.headers END AS headers, \
-           e.idempotency_key, e.created_at",
-    )
-    .bind(i64::from(request.limit))
-    .bind(FAN_OUT_LOCK)
-    .bind(request.max_bytes_sql())
-    .fetch_all(conn)
-    .await
-    .doing("reading new events")?;
+    let rows = sqlx::query(TAKE_NEW_EVENTS)
+        .bind(i64::from(request.limit))
+        .bind(FAN_OUT_LOCK)
+        .bind(request.max_bytes_sql())
+        .fetch_all(conn)
+        .await
+        .doing("reading new events")?;
     let mut candidates = rows
         .iter()
         .map(|row| rows::candidate(row, request.max_event_bytes))
@@ -185,19 +172,12 @@ async fn key_holders(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let holders: Vec<(i64, Option<i64>)> = sqlx::query_as(
-        "SELECT c.id, (SELECT o.event_id FROM events o WHERE o.idempotency_key = c.key \
-           AND o.event_id <> c.id AND o.event_status <> 'DUPLICATE' \
-           AND (o.event_id < c.id OR o.event_status <> 'READY' \
-             OR (o.fanned_out AND o.event_id <> ALL($1))) \
-           ORDER BY o.event_id LIMIT 1) \
-         FROM UNNEST($1::bigint[], $2::text[]) AS c(id, key)",
-    )
-    .bind(&ids)
-    .bind(&keys)
-    .fetch_all(conn)
-    .await
-    .doing("checking idempotency keys")?;
+    let holders: Vec<(i64, Option<i64>)> = sqlx::query_as(KEY_HOLDERS)
+        .bind(&ids)
+        .bind(&keys)
+        .fetch_all(conn)
+        .await
+        .doing("checking idempotency keys")?;
     Ok(holders
         .into_iter()
         .filter_map(|(id, holder)| Some((id, holder?)))
@@ -217,36 +197,19 @@ async fn insert_deliveries(
         return Ok(HashMap::new());
     }
     let column = |f: fn(&NewDelivery) -> &str| deliveries.iter().map(f).collect::<Vec<_>>();
-    let started: Vec<(i64, i64, String)> = sqlx::query_as(
-        "WITH created AS (\
-           INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-             idempotency_key, locked_by, locked_until, attempts) \
-           SELECT event_id, route, entity_type, entity_id, ordered, key, \
-             CASE WHEN go THEN $8 END, \
-             CASE WHEN go THEN now() + make_interval(secs => $9) END, \
-             CASE WHEN go THEN 1 ELSE 0 END \
-           FROM (SELECT u.*, u.start AND (NOT u.ordered OR NOT EXISTS (\
-               SELECT 1 FROM herald_deliveries p WHERE p.route = u.route \
-               AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
-               AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY'))) AS go \
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
-               $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
-               ordered, key, start)) AS u \
-           RETURNING delivery_id, event_id, route, locked_by IS NOT NULL AS started) \
-         SELECT delivery_id, event_id, route FROM created WHERE started",
-    )
-    .bind(deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>())
-    .bind(column(|d| &d.route))
-    .bind(column(|d| &d.entity_type))
-    .bind(column(|d| &d.entity_id))
-    .bind(deliveries.iter().map(|d| d.ordered).collect::<Vec<_>>())
-    .bind(column(|d| &d.idempotency_key))
-    .bind(deliveries.iter().map(|d| d.start).collect::<Vec<_>>())
-    .bind(start.map(|s| s.owner.as_str()))
-    .bind(start.map_or(0.0, |s| s.lease.as_secs_f64()))
-    .fetch_all(conn)
-    .await
-    .doing("creating deliveries")?;
+    let started: Vec<(i64, i64, String)> = sqlx::query_as(INSERT_DELIVERIES)
+        .bind(deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>())
+        .bind(column(|d| &d.route))
+        .bind(column(|d| &d.entity_type))
+        .bind(column(|d| &d.entity_id))
+        .bind(deliveries.iter().map(|d| d.ordered).collect::<Vec<_>>())
+        .bind(column(|d| &d.idempotency_key))
+        .bind(deliveries.iter().map(|d| d.start).collect::<Vec<_>>())
+        .bind(start.map(|s| s.owner.as_str()))
+        .bind(start.map_or(0.0, |s| s.lease.as_secs_f64()))
+        .fetch_all(conn)
+        .await
+        .doing("creating deliveries")?;
     Ok(started
         .into_iter()
         .map(|(delivery_id, event_id, route)| ((event_id, route), delivery_id))
@@ -266,23 +229,17 @@ async fn started_ledger(
     if keyed.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query(
-        "SELECT i.route, i.idempotency_key, i.outcome AS ledger_outcome, \
-           i.event_id AS ledger_event_id, i.detail AS ledger_detail, \
-           i.completed_at AS ledger_completed_at \
-         FROM herald_idempotency i JOIN UNNEST($1::text[], $2::text[]) AS k(route, key) \
-           ON i.route = k.route AND i.idempotency_key = k.key",
-    )
-    .bind(keyed.iter().map(|d| d.route.as_str()).collect::<Vec<_>>())
-    .bind(
-        keyed
-            .iter()
-            .map(|d| d.idempotency_key.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .fetch_all(conn)
-    .await
-    .doing("reading the ledger for started deliveries")?;
+    let rows = sqlx::query(STARTED_LEDGER)
+        .bind(keyed.iter().map(|d| d.route.as_str()).collect::<Vec<_>>())
+        .bind(
+            keyed
+                .iter()
+                .map(|d| d.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(conn)
+        .await
+        .doing("reading the ledger for started deliveries")?;
     rows::ledger_by_key(&rows)
 }
 
@@ -290,27 +247,23 @@ async fn apply_settlements(conn: &mut PgConnection, settlements: &[Settlement]) 
     if settlements.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE events e SET event_status = u.status, status_reason = u.reason \
-         FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, status, reason) \
-         WHERE e.event_id = u.id",
-    )
-    .bind(settlements.iter().map(|s| s.event_id).collect::<Vec<_>>())
-    .bind(
-        settlements
-            .iter()
-            .map(|s| s.status.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        settlements
-            .iter()
-            .map(|s| s.reason.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await
-    .doing("updating events' status")?;
+    sqlx::query(SETTLE_EVENTS)
+        .bind(settlements.iter().map(|s| s.event_id).collect::<Vec<_>>())
+        .bind(
+            settlements
+                .iter()
+                .map(|s| s.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            settlements
+                .iter()
+                .map(|s| s.reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .execute(conn)
+        .await
+        .doing("updating events' status")?;
     Ok(())
 }
 
@@ -324,19 +277,16 @@ async fn resettle_events(conn: &mut PgConnection, mut event_ids: Vec<i64>) -> St
     if event_ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("SELECT 1 FROM events WHERE event_id = ANY($1) ORDER BY event_id FOR UPDATE")
+    sqlx::query(LOCK_EVENTS)
         .bind(&event_ids)
         .execute(&mut *conn)
         .await
         .doing("locking events to settle")?;
-    let rows = sqlx::query(
-        "SELECT event_id, status, route, last_error FROM herald_deliveries \
-         WHERE event_id = ANY($1) ORDER BY event_id, delivery_id",
-    )
-    .bind(&event_ids)
-    .fetch_all(&mut *conn)
-    .await
-    .doing("reading events' deliveries")?;
+    let rows = sqlx::query(EVENTS_DELIVERIES)
+        .bind(&event_ids)
+        .fetch_all(&mut *conn)
+        .await
+        .doing("reading events' deliveries")?;
     let states = rows
         .iter()
         .map(rows::delivery_state)
@@ -349,14 +299,11 @@ async fn resettle_events(conn: &mut PgConnection, mut event_ids: Vec<i64>) -> St
 /// two of them never wait for each other in a cycle (Postgres would abort one as a
 /// deadlock, and the outcomes it carried would run again).
 async fn lock_deliveries(conn: &mut PgConnection, ids: &[i64]) -> StoreResult<()> {
-    sqlx::query(
-        "SELECT 1 FROM herald_deliveries WHERE delivery_id = ANY($1) \
-         ORDER BY delivery_id FOR UPDATE",
-    )
-    .bind(ids)
-    .execute(conn)
-    .await
-    .doing("locking deliveries")?;
+    sqlx::query(LOCK_DELIVERIES)
+        .bind(ids)
+        .execute(conn)
+        .await
+        .doing("locking deliveries")?;
     Ok(())
 }
 
@@ -368,41 +315,31 @@ async fn close_deliveries(
     let updates: Vec<DeliveryUpdate> = completions.iter().map(DeliveryUpdate::of).collect();
     let ids: Vec<i64> = completions.iter().map(|c| c.delivery_id).collect();
     lock_deliveries(&mut *conn, &ids).await?;
-    let rows = sqlx::query(
-        "UPDATE herald_deliveries d SET status = u.status, \
-         next_attempt_at = CASE WHEN u.status = 'RETRY' \
-           THEN now() + make_interval(secs => u.retry_secs) ELSE d.next_attempt_at END, \
-         locked_by = NULL, locked_until = NULL, last_error = u.error, updated_at = now() \
-         FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[], \
-           $6::text[]) AS u(id, owner, attempt, status, retry_secs, error) \
-         WHERE d.delivery_id = u.id AND d.locked_by = u.owner AND d.attempts = u.attempt \
-           AND d.status IN ('PENDING', 'RETRY') \
-         RETURNING d.delivery_id, d.event_id, d.route, d.idempotency_key",
-    )
-    .bind(&ids)
-    .bind(
-        completions
-            .iter()
-            .map(|c| c.owner.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(completions.iter().map(|c| c.attempt).collect::<Vec<_>>())
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.status.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        updates
-            .iter()
-            .map(|u| u.retry_after.as_secs_f64())
-            .collect::<Vec<_>>(),
-    )
-    .bind(updates.iter().map(|u| u.error).collect::<Vec<_>>())
-    .fetch_all(conn)
-    .await
-    .doing("recording delivery outcomes")?;
+    let rows = sqlx::query(CLOSE_DELIVERIES)
+        .bind(&ids)
+        .bind(
+            completions
+                .iter()
+                .map(|c| c.owner.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(completions.iter().map(|c| c.attempt).collect::<Vec<_>>())
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.retry_after.as_secs_f64())
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|u| u.error).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await
+        .doing("recording delivery outcomes")?;
     rows.iter().map(rows::recorded).collect()
 }
 
@@ -415,60 +352,55 @@ async fn log_attempts(
         return Ok(());
     }
     let outcome = |c: &Completion| c.outcome.attempt_outcome().as_str();
-    sqlx::query(
-        "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
-         detail, plugin_version, instance, started_at, duration_us) \
-         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::text[], \
-           $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])",
-    )
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| c.delivery_id)
-            .collect::<Vec<_>>(),
-    )
-    .bind(matched.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
-    .bind(
-        matched
-            .iter()
-            .map(|(_, r)| r.route.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(matched.iter().map(|(c, _)| c.attempt).collect::<Vec<_>>())
-    .bind(matched.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| c.outcome.detail())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| c.plugin_version.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| c.owner.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| c.started_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        matched
-            .iter()
-            .map(|(c, _)| batch::duration_us(c.duration))
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *conn)
-    .await
-    .doing("writing the attempts log")?;
+    sqlx::query(LOG_ATTEMPTS)
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| c.delivery_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(matched.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
+        .bind(
+            matched
+                .iter()
+                .map(|(_, r)| r.route.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(matched.iter().map(|(c, _)| c.attempt).collect::<Vec<_>>())
+        .bind(matched.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| c.outcome.detail())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| c.plugin_version.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| c.owner.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| c.started_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            matched
+                .iter()
+                .map(|(c, _)| batch::duration_us(c.duration))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await
+        .doing("writing the attempts log")?;
     let keyed: Vec<&(&Completion, &Recorded)> = matched
         .iter()
         .filter(|(c, _)| c.outcome.completes_key())
@@ -476,34 +408,30 @@ async fn log_attempts(
     if keyed.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(
-        keyed
-            .iter()
-            .map(|(_, r)| r.route.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keyed
-            .iter()
-            .map(|(_, r)| r.idempotency_key.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(keyed.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
-    .bind(keyed.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
-    .bind(
-        keyed
-            .iter()
-            .map(|(c, _)| c.outcome.detail())
-            .collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await
-    .doing("recording idempotency keys")?;
+    sqlx::query(RECORD_KEYS)
+        .bind(
+            keyed
+                .iter()
+                .map(|(_, r)| r.route.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keyed
+                .iter()
+                .map(|(_, r)| r.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(keyed.iter().map(|(_, r)| r.event_id).collect::<Vec<_>>())
+        .bind(keyed.iter().map(|(c, _)| outcome(c)).collect::<Vec<_>>())
+        .bind(
+            keyed
+                .iter()
+                .map(|(c, _)| c.outcome.detail())
+                .collect::<Vec<_>>(),
+        )
+        .execute(conn)
+        .await
+        .doing("recording idempotency keys")?;
     Ok(())
 }
 
@@ -556,7 +484,11 @@ impl EventStore for PostgresStore {
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
     ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
-        let mut tx = self.lease_pool.begin().await.doing("starting fan-out")?;
+        let mut tx = self
+            .lease_pool
+            .begin_with(PLAN_ONCE)
+            .await
+            .doing("starting fan-out")?;
         let candidates = take_candidates(&mut tx, request).await?;
         if candidates.is_empty() {
             return Ok((FanOutReport::default(), Vec::new()));
@@ -624,21 +556,9 @@ impl EventStore for PostgresStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
-        // A small group is planned for its own few ids. Left to choose, Postgres settles on
-        // a statement's generic plan after five runs when that looks as cheap, which it
-        // does while the tables are small, and keeps it as they grow (until an ANALYZE):
-        // at 1,000 events/s into new tables, the look-ups by id of small groups slowed as
-        // the tables grew and took most of Postgres's time (BENCHMARKS.md). Large
-        // groups keep the plan cache: planned for each of their arrays, the drain lost a
-        // fifth of its rate.
-        let begin = if completions.len() <= CUSTOM_PLAN_GROUP {
-            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan"
-        } else {
-            "BEGIN"
-        };
         let mut tx = self
             .pool
-            .begin_with(begin)
+            .begin_with(PLAN_ONCE)
             .await
             .doing("starting to record outcomes")?;
         let recorded = close_deliveries(&mut tx, completions).await?;

@@ -1,0 +1,151 @@
+//! The statements of fan-out and outcome transactions, and how they are planned.
+//!
+//! Each of them runs inside a transaction begun with [`PLAN_ONCE`]: planned once per
+//! connection, the plan reused, no sequential scans. Planning was the largest cost of
+//! small batches: at 1,000 events/s, one or two events per fan-out pass and per outcome
+//! group, Postgres spent 2.5 s of every 10 planning these statements against 3.8 s
+//! running them, and the foreign-key checks, planned again for every inserted row under
+//! custom plans, made every insert dearer (BENCHMARKS.md).
+//!
+//! A generic plan, though, is made when a connection first runs the statement, maybe
+//! while the tables are new and small, and kept until the next ANALYZE of a table it
+//! reads. Left to choose, Postgres had kept such a plan for closing deliveries, and a
+//! 100,000-event drain spent 5.7 s scanning deliveries to close 150 at a time. So every
+//! statement here is written so that, with sequential scans off, no plan of it can read
+//! a table but through the ids, the lane or the key it names: by primary key with the ids
+//! as an array (`= ANY`), by the lane index, or by a key's index. A test
+//! (`tests/store_postgres.rs`) plans each of them on empty tables and checks every scan.
+
+/// How the transactions of fan-out and of outcomes begin.
+pub const PLAN_ONCE: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+
+/// Append one event (the producer API, and the events a plugin emits).
+pub const INSERT_EVENT: &str =
+    "INSERT INTO events (event_target, event_type, entity_type, entity_id, event_data, \
+     idempotency_key, headers) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb) \
+     RETURNING event_id";
+
+/// Fan-out: take the next new events and mark them fanned out (`take_candidates`). The
+/// events are picked into an array that then leads the update by primary key: joined to
+/// the update instead, the generic plan merged the pick with a walk over every event.
+pub const TAKE_NEW_EVENTS: &str =
+    "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held), \
+     taken AS (UPDATE events e SET fanned_out = TRUE \
+       WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM events, turn \
+         WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
+         ORDER BY event_id LIMIT $1)) \
+       AND e.event_status = 'READY' AND NOT e.fanned_out \
+       RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
+         e.event_data::text AS data, e.headers::text AS headers, e.idempotency_key, \
+         e.created_at) \
+     SELECT event_id, event_type, event_target, entity_type, entity_id, \
+       coalesce(octet_length(data), 0)::bigint AS event_data_bytes, \
+       CASE WHEN octet_length(data) <= $3 THEN data END AS event_data, \
+       coalesce(octet_length(headers), 0)::bigint AS headers_bytes, \
+       CASE WHEN octet_length(headers) <= $3 THEN headers END AS headers, \
+       idempotency_key, created_at \
+     FROM taken";
+
+/// Fan-out: the earliest other holder of each candidate's producer key (`key_holders`).
+/// The `+ 0` keeps the primary key's order from leading the look-up: the key's index
+/// finds the few holders, which are then sorted.
+pub const KEY_HOLDERS: &str =
+    "SELECT c.id, (SELECT o.event_id FROM events o WHERE o.idempotency_key = c.key \
+       AND o.event_id <> c.id AND o.event_status <> 'DUPLICATE' \
+       AND (o.event_id < c.id OR o.event_status <> 'READY' \
+         OR (o.fanned_out AND o.event_id <> ALL($1))) \
+       ORDER BY o.event_id + 0 LIMIT 1) \
+     FROM UNNEST($1::bigint[], $2::text[]) AS c(id, key)";
+
+/// Fan-out: insert the deliveries, leasing those to start unless an earlier delivery of
+/// their lane is open. The lane check is one probe of the lane index per delivery;
+/// `OFFSET 0` keeps it from being copied into, and run by, each column that uses it.
+pub const INSERT_DELIVERIES: &str = "WITH created AS (\
+       INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+         idempotency_key, locked_by, locked_until, attempts) \
+       SELECT event_id, route, entity_type, entity_id, ordered, key, \
+         CASE WHEN go THEN $8 END, \
+         CASE WHEN go THEN now() + make_interval(secs => $9) END, \
+         CASE WHEN go THEN 1 ELSE 0 END \
+       FROM (SELECT u.*, u.start AND (NOT u.ordered OR NOT EXISTS (\
+           SELECT 1 FROM herald_deliveries p WHERE p.route = u.route \
+           AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
+           AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY'))) AS go \
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+           $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
+           ordered, key, start) OFFSET 0) AS u \
+       RETURNING delivery_id, event_id, route, locked_by IS NOT NULL AS started) \
+     SELECT delivery_id, event_id, route FROM created WHERE started";
+
+/// Fan-out: what the ledger holds for the producer keys of the started deliveries. One
+/// probe per key: the `LIMIT` keeps the look-up from becoming a join, which a plan made
+/// while the ledger was small could answer by hashing the whole ledger.
+pub const STARTED_LEDGER: &str = "SELECT i.route, i.idempotency_key, i.outcome AS ledger_outcome, \
+       i.event_id AS ledger_event_id, i.detail AS ledger_detail, \
+       i.completed_at AS ledger_completed_at \
+     FROM UNNEST($1::text[], $2::text[]) AS k(route, key) \
+     CROSS JOIN LATERAL (SELECT * FROM herald_idempotency l \
+       WHERE l.route = k.route AND l.idempotency_key = k.key LIMIT 1) AS i";
+
+/// Set events' status. `= ANY($1)` lets every plan reach the events by primary key.
+pub const SETTLE_EVENTS: &str =
+    "UPDATE events e SET event_status = u.status, status_reason = u.reason \
+     FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, status, reason) \
+     WHERE e.event_id = u.id AND e.event_id = ANY($1)";
+
+/// Outcome: lock the events to settle, in id order.
+pub const LOCK_EVENTS: &str =
+    "SELECT 1 FROM events WHERE event_id = ANY($1) ORDER BY event_id FOR UPDATE";
+
+/// Outcome: every delivery of the events to settle.
+pub const EVENTS_DELIVERIES: &str =
+    "SELECT event_id, status, route, last_error FROM herald_deliveries \
+     WHERE event_id = ANY($1) ORDER BY event_id, delivery_id";
+
+/// Outcome: lock the deliveries to close, in id order.
+pub const LOCK_DELIVERIES: &str = "SELECT 1 FROM herald_deliveries WHERE delivery_id = ANY($1) \
+     ORDER BY delivery_id FOR UPDATE";
+
+/// Outcome: close the deliveries whose lease still holds. "Still open" is `NOT IN` the
+/// closed states rather than `IN` the open ones, which would let a plan walk a partial
+/// index over every open delivery; `= ANY($1)` lets every plan reach them by primary key.
+pub const CLOSE_DELIVERIES: &str = "UPDATE herald_deliveries d SET status = u.status, \
+     next_attempt_at = CASE WHEN u.status = 'RETRY' \
+       THEN now() + make_interval(secs => u.retry_secs) ELSE d.next_attempt_at END, \
+     locked_by = NULL, locked_until = NULL, last_error = u.error, updated_at = now() \
+     FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[], \
+       $6::text[]) AS u(id, owner, attempt, status, retry_secs, error) \
+     WHERE d.delivery_id = u.id AND d.delivery_id = ANY($1) \
+       AND d.locked_by = u.owner AND d.attempts = u.attempt \
+       AND d.status NOT IN ('SUCCESS', 'SKIPPED', 'DEAD') \
+     RETURNING d.delivery_id, d.event_id, d.route, d.idempotency_key";
+
+/// Outcome: the attempts log.
+pub const LOG_ATTEMPTS: &str =
+    "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+     detail, plugin_version, instance, started_at, duration_us) \
+     SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::text[], \
+       $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])";
+
+/// Outcome: the idempotency ledger.
+pub const RECORD_KEYS: &str =
+    "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
+     ON CONFLICT DO NOTHING";
+
+/// Every statement above, by name, for the plan test.
+pub const PLANNED_ONCE: &[(&str, &str)] = &[
+    ("insert_event", INSERT_EVENT),
+    ("take_new_events", TAKE_NEW_EVENTS),
+    ("key_holders", KEY_HOLDERS),
+    ("insert_deliveries", INSERT_DELIVERIES),
+    ("started_ledger", STARTED_LEDGER),
+    ("settle_events", SETTLE_EVENTS),
+    ("lock_events", LOCK_EVENTS),
+    ("events_deliveries", EVENTS_DELIVERIES),
+    ("lock_deliveries", LOCK_DELIVERIES),
+    ("close_deliveries", CLOSE_DELIVERIES),
+    ("log_attempts", LOG_ATTEMPTS),
+    ("record_keys", RECORD_KEYS),
+];
