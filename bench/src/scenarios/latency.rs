@@ -1,6 +1,8 @@
 //! Scenario 4, latency: a producer inserts events at a steady rate, one per transaction,
 //! while Herald runs (`dispatcher.run`) and delivers them through the webhook plugin to
-//! the loopback sink; created → delivered per event.
+//! the loopback sink; created → delivered per event. Created is when the producer had its
+//! connection and sent the insert (the event's `created_at`), delivered when the sink
+//! received the request.
 
 use std::time::{Duration, Instant};
 

@@ -4,8 +4,7 @@
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
 //! small batches: at 1,000 events/s, one or two events per fan-out pass and per outcome
 //! group, Postgres spent 2.5 s of every 10 planning these statements against 3.8 s
-//! running them, and the foreign-key checks, planned again for every inserted row under
-//! custom plans, made every insert dearer (BENCHMARKS.md).
+//! running them (BENCHMARKS.md).
 //!
 //! A generic plan, though, is made when a connection first runs the statement, maybe
 //! while the tables are new and small, and kept until the next ANALYZE of a table it
