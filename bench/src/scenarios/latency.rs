@@ -78,9 +78,10 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
         ],
     );
     table.note(format!(
-        "Created: the instant just before the producer's INSERT (one event per transaction, \
-         paced by a tokio interval). Delivered: the sink's arrival instant. Herald runs \
-         `dispatcher.run` with `[dispatch]` {}; the first {} events warm up and are not counted.",
+        "Created: the instant the producer, its pooled connection in hand, sends the INSERT \
+         (one event per transaction, paced by a tokio interval). Delivered: the sink's arrival \
+         instant. Herald runs `dispatcher.run` with `[dispatch]` {}; the first {} events, \
+         inserted at once, warm up and are not counted.",
         one_line(LATENCY_DISPATCH),
         sizes.latency_warmup
     ));

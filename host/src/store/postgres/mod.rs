@@ -4,6 +4,9 @@
 //! delivery. Fan-out is serialised by a transaction-scoped advisory lock: if two instances
 //! fanned out an entity's events in parallel, the later event's deliveries could commit
 //! first and be claimed before the earlier event's exist, breaking per-entity order.
+//!
+//! The statements of fan-out and outcome transactions, and why each is written as it is
+//! (they are planned once per connection), live in [`plans`].
 
 pub mod plans;
 
