@@ -3,7 +3,7 @@
 //! Each of them runs inside a transaction begun with [`PLAN_ONCE`]: planned once per
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
 //! small batches: at 1,000 events/s, one or two events per fan-out pass and per outcome
-//! group, Postgres spent 2.5 s of every 10 planning these statements against 3.8 s
+//! group, Postgres spent 2.5 s of every 10 planning these statements against 2.8 s
 //! running them (BENCHMARKS.md).
 //!
 //! A generic plan, though, is made when a connection first runs the statement, maybe
