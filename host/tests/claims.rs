@@ -95,7 +95,19 @@ async fn deliveries_started_by_fan_out_wake_no_claim_when_they_finish() {
             .await
             .expect("Herald's recorder")
     };
-    let before = claims(&render().await);
+    // The claim loop claims once as it starts; that claim may still be on its way back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let made = claims(&render().await);
+        if made >= 1.0 {
+            break made;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no claim at start in 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
 
     for entity in 1..=5 {
         let event = NewEvent::new("order.created", "order", entity.to_string(), json!({}));
