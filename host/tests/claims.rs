@@ -16,10 +16,9 @@ use tokio::sync::watch;
 
 /// No poll within the test's lifetime: every claim is woken by the dispatcher itself.
 fn config(dir: &tempfile::TempDir) -> Config {
-    let text = format!(
-        r#"plugins_dir = {plugins:?}
-
-[dispatch]
+    support::config_with_plugins(
+        dir,
+        r#"[dispatch]
 lease = "30s"
 poll_interval = "1h"
 listen = true
@@ -29,10 +28,7 @@ name = "echo-route"
 event_types = ["order.*"]
 plugin = "echo"
 "#,
-        plugins = support::plugins_dir().display().to_string()
-    );
-    Config::parse(&text, &dir.path().join("herald.toml"))
-        .unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
+    )
 }
 
 fn claims(metrics: &str) -> f64 {
@@ -43,24 +39,35 @@ fn claims(metrics: &str) -> f64 {
         .sum()
 }
 
-async fn delivered(store: &dyn EventStore, id: i64) {
+/// What `probe` finds, once it finds something; fails the test after 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn delivered(store: &dyn EventStore, id: i64) {
+    eventually(&format!("event {id} delivered"), || async {
         let detail = store
             .event_detail(id)
             .await
             .expect("detail")
             .expect("event");
-        if detail.event.event_status == EventStatus::Success {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "event {id} not delivered in 30s: {:?}",
-            detail.event.event_status
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        (detail.event.event_status == EventStatus::Success).then_some(())
+    })
+    .await
 }
 
 /// Events arriving one at a time are started by fan-out itself (their lanes are free),
@@ -96,18 +103,10 @@ async fn deliveries_started_by_fan_out_wake_no_claim_when_they_finish() {
             .expect("Herald's recorder")
     };
     // The claim loop claims once as it starts; that claim may still be on its way back.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let before = loop {
-        let made = claims(&render().await);
-        if made >= 1.0 {
-            break made;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no claim at start in 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let before = eventually("the claim at start", || async {
+        Some(claims(&render().await)).filter(|made| *made >= 1.0)
+    })
+    .await;
 
     for entity in 1..=5 {
         let event = NewEvent::new("order.created", "order", entity.to_string(), json!({}));

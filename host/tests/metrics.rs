@@ -19,10 +19,9 @@ use tokio::sync::watch;
 const TOKEN: &str = "metrics-token";
 
 fn config(dir: &tempfile::TempDir) -> Config {
-    let text = format!(
-        r#"plugins_dir = {plugins:?}
-
-[dispatch]
+    support::config_with_plugins(
+        dir,
+        r#"[dispatch]
 lease = "30s"
 poll_interval = "20ms"
 
@@ -38,10 +37,7 @@ plugin = "trap"
 [routes.retry]
 max_attempts = 1
 "#,
-        plugins = support::plugins_dir().display().to_string()
-    );
-    Config::parse(&text, &dir.path().join("herald.toml"))
-        .unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
+    )
 }
 
 /// The samples of a Prometheus text exposition: series name, its labels, its value.

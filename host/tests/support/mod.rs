@@ -71,3 +71,14 @@ pub fn sigterm(serve: &tokio::process::Child) {
         .expect("kill")
         .success());
 }
+
+/// A config with the built plugins and `rest` (its `[dispatch]` and `[[routes]]`), as
+/// `dir/herald.toml` would hold it.
+pub fn config_with_plugins(dir: &tempfile::TempDir, rest: &str) -> herald::config::Config {
+    let text = format!(
+        "plugins_dir = {:?}\n\n{rest}",
+        plugins_dir().display().to_string()
+    );
+    herald::config::Config::parse(&text, &dir.path().join("herald.toml"))
+        .unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
+}
