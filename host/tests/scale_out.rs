@@ -107,9 +107,17 @@ impl Cluster {
         }
     }
 
-    /// Until no event is open: every outcome so far is committed.
+    /// Until no event is open: every outcome so far is committed. Fails the test, with
+    /// the instances' logs, if one is still open after a minute.
     async fn wait_closed(&self) {
+        let limit = Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         while self.open_events().await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "events still open after {limit:?}; logs:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
