@@ -491,7 +491,11 @@ async fn a_zero_lease_expires_at_once(f: &Fixture) {
 }
 
 async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture) {
-    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    let id = f
+        .store
+        .append(&order("o-1", 1).with_key("k-1"))
+        .await
+        .expect("append");
     f.store
         .fan_out(&FanOutRequest::new(10), &router)
         .await
@@ -548,24 +552,57 @@ async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture)
     assert_eq!(emitted_event.event.event_status, EventStatus::Ready);
 }
 
+/// Both kinds of key: the producer's, which the ledger records, and a derived one, which
+/// names one delivery and is known done from that delivery's attempts log (the ledger
+/// gets no row for it).
 async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
-    let id = f.store.append(&order("o-1", 1)).await.expect("append");
+    let derived = f.store.append(&order("o-1", 1)).await.expect("append");
+    let keyed = f
+        .store
+        .append(&order("o-2", 2).with_key("k-2"))
+        .await
+        .expect("append");
     f.store
         .fan_out(&FanOutRequest::new(10), &router)
         .await
         .expect("fan out");
     let claimed = claim(f, "alpha", 10).await;
-    complete_one(f, &claimed[0], "alpha", Outcome::delivered()).await;
-    assert!(claimed[0].already_completed.is_none());
+    assert_eq!(claimed.len(), 2);
+    for delivery in &claimed {
+        assert!(delivery.already_completed.is_none());
+        let outcome = if delivery.event.event_id == derived {
+            Outcome::Skipped {
+                reason: "not for us".into(),
+            }
+        } else {
+            Outcome::delivered()
+        };
+        complete_one(f, delivery, "alpha", outcome).await;
+    }
+    assert_eq!(f.count("SELECT count(*) FROM herald_idempotency").await, 1);
 
-    // A replay re-opens the delivery; the ledger still knows the effect happened.
+    // A replay re-opens the deliveries; the effects are still known to have happened.
     f.exec("UPDATE herald_deliveries SET status = 'PENDING'")
         .await;
     let again = claim(f, "beta", 10).await;
-    let ledger = again[0].already_completed.as_ref().expect("ledger entry");
-    assert_eq!(ledger.event_id, id);
-    assert_eq!(ledger.route, "orders");
-    assert_eq!(ledger.outcome, store::AttemptOutcome::Delivered);
+    assert_eq!(again.len(), 2);
+    for delivery in &again {
+        let id = delivery.event.event_id;
+        let ledger = delivery
+            .already_completed
+            .as_ref()
+            .unwrap_or_else(|| panic!("no completion reported for event {id}"));
+        assert_eq!(ledger.event_id, id);
+        assert_eq!(ledger.route, "orders");
+        assert_eq!(ledger.idempotency_key, delivery.idempotency_key);
+        if id == keyed {
+            assert_eq!(ledger.outcome, store::AttemptOutcome::Delivered);
+            assert_eq!(ledger.idempotency_key, "k-2");
+        } else {
+            assert_eq!(ledger.outcome, store::AttemptOutcome::Skipped);
+            assert_eq!(ledger.detail.as_deref(), Some("not for us"));
+        }
+    }
 }
 
 async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
@@ -862,12 +899,15 @@ async fn a_lost_lease_in_a_batch_writes_nothing_for_it(f: &Fixture) {
 async fn a_batch_of_mixed_outcomes_settles_each_event(f: &Fixture) {
     let mut events = Vec::new();
     for n in 0..40 {
-        events.push(NewEvent::new(
-            "payment.captured",
-            "payment",
-            format!("P{n}"),
-            json!({ "n": n }),
-        ));
+        events.push(
+            NewEvent::new(
+                "payment.captured",
+                "payment",
+                format!("P{n}"),
+                json!({ "n": n }),
+            )
+            .with_key(format!("pay-{n}")),
+        );
     }
     let ids = f.store.append_batch(&events).await.expect("append");
     let fanned = f

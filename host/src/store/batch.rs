@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::fan_out::{settle_from_deliveries, Candidate, Disposition, RouteState};
 use super::{
-    delivery_key, ClaimRequest, ClaimedDelivery, Completion, DeliveryStatus, Event, EventStatus,
-    FanOutReport, LedgerEntry, Outcome, Router, StoreError, StoreResult,
+    delivery_key, is_derived_key, ClaimRequest, ClaimedDelivery, Completion, DeliveryStatus, Event,
+    EventStatus, FanOutReport, LedgerEntry, Outcome, Router, StoreError, StoreResult,
 };
 
 /// A delivery fan-out creates.
@@ -181,6 +181,21 @@ pub(crate) struct Recorded {
     pub event_id: i64,
     pub route: String,
     pub idempotency_key: String,
+}
+
+/// The completions the idempotency ledger records: delivered or skipped, under a
+/// producer's key. A derived key names one delivery only, whose attempts log already
+/// says that it completed (claims read it there); a ledger row for it would never be
+/// read, and the ledger, which outlives events, would grow by a row for every delivery.
+pub(crate) fn ledger_entries<'m, 'c>(
+    matched: &'m [(&'c Completion, &'c Recorded)],
+) -> Vec<&'m (&'c Completion, &'c Recorded)> {
+    matched
+        .iter()
+        .filter(|(c, r)| {
+            c.outcome.completes_key() && !is_derived_key(&r.idempotency_key, r.event_id, &r.route)
+        })
+        .collect()
 }
 
 /// The delivery update's parameters for one completion.

@@ -30,7 +30,7 @@ use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
     Instance, LedgerEntry, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError,
-    StoreResult,
+    StoreResult, COMPLETED_KEY_COLUMNS, COMPLETED_KEY_JOINS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -471,10 +471,7 @@ async fn log_attempts(
         .await
         .doing("writing the attempts log")?;
     }
-    let keyed: Vec<&(&Completion, &Recorded)> = matched
-        .iter()
-        .filter(|(c, _)| c.outcome.completes_key())
-        .collect();
+    let keyed = batch::ledger_entries(matched);
     for chunk in keyed.chunks(ROWS_PER_INSERT) {
         let mut query = QueryBuilder::<Sqlite>::new(
             "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) ",
@@ -595,18 +592,16 @@ impl EventStore for SqliteStore {
             tx.commit().await.doing("committing a claim")?;
             return Ok(Vec::new());
         }
-        let mut query = QueryBuilder::<Sqlite>::new(
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
             "SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
-             i.outcome AS ledger_outcome, i.event_id AS ledger_event_id, \
-             i.detail AS ledger_detail, i.completed_at AS ledger_completed_at, \
+             {COMPLETED_KEY_COLUMNS}, \
              e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
              e.event_data, e.event_status, e.status_reason, e.idempotency_key AS producer_key, \
              e.headers, e.created_at \
              FROM herald_deliveries d JOIN events e ON e.event_id = d.event_id \
-             LEFT JOIN herald_idempotency i ON i.route = d.route \
-               AND i.idempotency_key = d.idempotency_key \
-             WHERE d.delivery_id IN (",
-        );
+             {COMPLETED_KEY_JOINS} \
+             WHERE d.delivery_id IN ("
+        ));
         let mut ids = query.separated(", ");
         for (id,) in &claimed {
             ids.push_bind(*id);

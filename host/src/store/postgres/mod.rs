@@ -36,7 +36,7 @@ use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
     FanOutRequest, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection, Router,
-    StoreError, StoreResult,
+    StoreError, StoreResult, COMPLETED_KEY_COLUMNS, COMPLETED_KEY_JOINS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -404,10 +404,7 @@ async fn log_attempts(
         .execute(&mut *conn)
         .await
         .doing("writing the attempts log")?;
-    let keyed: Vec<&(&Completion, &Recorded)> = matched
-        .iter()
-        .filter(|(c, _)| c.outcome.completes_key())
-        .collect();
+    let keyed = batch::ledger_entries(matched);
     if keyed.is_empty() {
         return Ok(());
     }
@@ -518,7 +515,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "WITH picked AS (\
                SELECT d.delivery_id FROM herald_deliveries d \
                WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= now() \
@@ -537,17 +534,14 @@ impl EventStore for PostgresStore {
                FROM picked WHERE d.delivery_id = picked.delivery_id \
                RETURNING d.delivery_id, d.event_id, d.route, d.attempts, d.idempotency_key, \
                  d.next_attempt_at) \
-             SELECT c.delivery_id, c.route, c.attempts, c.idempotency_key, \
-               i.outcome AS ledger_outcome, i.event_id AS ledger_event_id, \
-               i.detail AS ledger_detail, i.completed_at AS ledger_completed_at, \
+             SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
+               {COMPLETED_KEY_COLUMNS}, \
                e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
                e.event_data::text AS event_data, e.event_status, e.status_reason, \
                e.idempotency_key AS producer_key, e.headers::text AS headers, e.created_at \
-             FROM claimed c JOIN events e ON e.event_id = c.event_id \
-             LEFT JOIN herald_idempotency i ON i.route = c.route \
-               AND i.idempotency_key = c.idempotency_key \
-             ORDER BY c.next_attempt_at, c.delivery_id",
-        )
+             FROM claimed d JOIN events e ON e.event_id = d.event_id {COMPLETED_KEY_JOINS} \
+             ORDER BY d.next_attempt_at, d.delivery_id"
+        ))
         .bind(&request.owner)
         .bind(request.lease.as_secs_f64())
         .bind(i64::from(request.limit))
