@@ -170,7 +170,8 @@ pub async fn render(store: &dyn EventStore) -> Option<String> {
     Some(handle.render())
 }
 
-/// Counted at scrape time: two partial-index counts.
+/// Counted at scrape time, by index look-ups that grow with the backlog (each store's
+/// `backlog`).
 async fn count_backlog(store: &dyn EventStore) -> StoreResult<Option<Backlog>> {
     store.backlog().await.map(Some)
 }

@@ -1160,6 +1160,9 @@ async fn backlog_counts_ready_events_and_waiting_retries(f: &Fixture) {
         .fan_out(&FanOutRequest::new(10), &router)
         .await
         .expect("fan out");
+    // Fanned out, each with its delivery open: still READY.
+    let backlog = f.store.backlog().await.expect("backlog");
+    assert_eq!((backlog.ready_events, backlog.waiting_retry), (2, 0));
     let batch = claim(f, "alpha", 10).await;
     complete_one(
         f,

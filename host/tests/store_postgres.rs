@@ -278,6 +278,52 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     schema.drop().await;
 }
 
+/// An outcome's status change on its event is a HOT update (no index entry written) only
+/// while no index of `events` names `event_status`, in its columns or its condition, and
+/// the pages keep room for the new version (migration 0007; BENCHMARKS.md).
+#[tokio::test]
+async fn the_status_of_an_event_changes_without_writing_its_indexes() {
+    let Some(schema) = PgSchema::create("store_pg_hot_status").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("connection");
+    let naming_status: Vec<String> = sqlx::query_scalar(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i \
+         WHERE i.indrelid = 'events'::regclass AND (\
+           EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid \
+             AND a.attnum = ANY (i.indkey) AND a.attname = 'event_status') \
+           OR coalesce(pg_get_expr(i.indpred, i.indrelid), '') LIKE '%event_status%' \
+           OR coalesce(pg_get_expr(i.indexprs, i.indrelid), '') LIKE '%event_status%') \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("indexes of events");
+    assert_eq!(
+        naming_status,
+        Vec::<String>::new(),
+        "indexes naming the status"
+    );
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'events'::regclass")
+            .fetch_one(&mut conn)
+            .await
+            .expect("options of events");
+    assert!(
+        options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.starts_with("fillfactor=")),
+        "events keeps room in its pages for the status change"
+    );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
 /// Retention: deleting events deletes their deliveries and attempts (migration 0006 does
 /// it by statement triggers instead of per-row foreign keys), and nothing else.
 #[tokio::test]

@@ -155,11 +155,6 @@ pub trait EventStore: Send + Sync {
     async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64>;
 }
 
-/// The backlog query; the same SQL on both backends.
-pub(crate) const BACKLOG_SQL: &str = "SELECT \
-     (SELECT count(*) FROM events WHERE event_status = 'READY') AS ready_events, \
-     (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry";
-
 /// How a claim learns that its delivery's key is already done, as the `ledger_` columns
 /// of a claim row (see `rows::ledger`); the same SQL on both backends, joined to the
 /// claimed delivery `d`. A producer's key is looked up in the ledger, which outlives the

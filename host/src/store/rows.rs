@@ -177,7 +177,7 @@ pub(crate) fn quarantine(row: &impl StoreRow) -> StoreResult<Quarantine> {
     })
 }
 
-/// The row of [`super::BACKLOG_SQL`].
+/// The row of a backlog query: `ready_events` and `waiting_retry`.
 pub(crate) fn backlog(row: &impl StoreRow) -> StoreResult<Backlog> {
     let count = |column: &str| -> StoreResult<u64> {
         let value = row.int(column)?;

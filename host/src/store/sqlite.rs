@@ -643,10 +643,14 @@ impl EventStore for SqliteStore {
     }
 
     async fn backlog(&self) -> StoreResult<Backlog> {
-        let row = sqlx::query(super::BACKLOG_SQL)
-            .fetch_one(&self.pool)
-            .await
-            .doing("counting the backlog")?;
+        let row = sqlx::query(
+            "SELECT \
+             (SELECT count(*) FROM events WHERE event_status = 'READY') AS ready_events, \
+             (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .doing("counting the backlog")?;
         rows::backlog(&row)
     }
 
