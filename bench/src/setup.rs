@@ -93,15 +93,13 @@ impl Db {
 
     /// Events still READY.
     pub async fn ready_events(&self) -> anyhow::Result<i64> {
-        self.scalar(&ready_events_sql("")).await
+        self.scalar(&self.ready_events_sql("")).await
     }
 
     /// Events of `event_type` still READY.
     pub async fn ready_events_of_type(&self, event_type: &str) -> anyhow::Result<i64> {
-        self.scalar(&ready_events_sql(&format!(
-            " AND event_type = '{event_type}'"
-        )))
-        .await
+        self.scalar(&self.ready_events_sql(&format!(" AND event_type = '{event_type}'")))
+            .await
     }
 
     pub async fn events_with_status(&self, status: &str) -> anyhow::Result<i64> {
@@ -415,16 +413,23 @@ pub fn webhook_route(event_types: &str, sink: &Sink) -> String {
     )
 }
 
-/// Counts READY events (narrowed by `filter`) the way Herald's backlog gauge does on
-/// Postgres, where no index names the status: those not fanned out yet, and those with a
-/// delivery still open. Counted while a drain runs, so it must not scan the table it
-/// measures.
-fn ready_events_sql(filter: &str) -> String {
-    format!(
-        "SELECT (SELECT count(*) FROM events WHERE NOT fanned_out \
-           AND event_status = 'READY'{filter}) \
-         + (SELECT count(*) FROM events WHERE fanned_out AND event_status = 'READY'{filter} \
-           AND event_id IN (SELECT event_id FROM herald_deliveries \
-             WHERE status IN ('PENDING', 'RETRY')))"
-    )
+/// Counts READY events (narrowed by `filter`) the way Herald's backlog gauge does: those
+/// not fanned out yet, and those with a delivery still open. Counted while a drain runs,
+/// so on Postgres, where no index names the status, it must not scan the table it
+/// measures: new events are found through the fan-out queue there (migration 0008) and
+/// through `fanned_out` on SQLite.
+impl Db {
+    fn ready_events_sql(&self, filter: &str) -> String {
+        let not_fanned_out = match self {
+            Db::Sqlite(_) => "NOT fanned_out",
+            Db::Postgres(_) => "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
+        };
+        format!(
+            "SELECT (SELECT count(*) FROM events WHERE {not_fanned_out} \
+               AND event_status = 'READY'{filter}) \
+             + (SELECT count(*) FROM events WHERE event_status = 'READY'{filter} \
+               AND event_id IN (SELECT event_id FROM herald_deliveries \
+                 WHERE status IN ('PENDING', 'RETRY')))"
+        )
+    }
 }

@@ -221,9 +221,9 @@ fn unbounded_scans(node: &serde_json::Value, found: &mut Vec<(String, String)>) 
     }
 }
 
-/// Index walks that are meant: the index holds only the new events, in order, and the
-/// walk stops at the batch limit.
-const BOUNDED_WALKS: &[(&str, &str)] = &[("take_new_events", "events_to_fan_out")];
+/// Index walks that are meant: the fan-out queue holds only the new events, in order, and
+/// the walk stops at the batch limit.
+const BOUNDED_WALKS: &[(&str, &str)] = &[("take_new_events", "herald_fan_out_queue_pkey")];
 
 /// Fan-out and outcome statements are planned once per connection and the plan kept
 /// (plans.rs): a plan made while the tables were empty must still be led by the ids,
@@ -319,6 +319,69 @@ async fn the_status_of_an_event_changes_without_writing_its_indexes() {
             .any(|o| o.starts_with("fillfactor=")),
         "events keeps room in its pages for the status change"
     );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
+/// Fan-out takes new events off a queue the producer's insert fills (migration 0008): it
+/// writes nothing into the `events` row, whose only later write is the outcome's HOT
+/// status change. Every way of inserting queues the event: one row, many rows in one
+/// statement, and COPY.
+#[tokio::test]
+async fn fan_out_leaves_the_event_row_as_the_producer_wrote_it() {
+    let Some(schema) = PgSchema::create("store_pg_fan_out_queue").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("producer connection");
+    sqlx::raw_sql(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', 'single', '{}'); \
+         INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', 'many-1', '{}'), \
+                ('order.created', 'order', 'many-2', '{}')",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("producer inserts");
+    let mut copy = conn
+        .copy_in_raw("COPY events (event_type, entity_type, entity_id, event_data) FROM STDIN")
+        .await
+        .expect("copy in");
+    copy.send(b"order.created\torder\tcopied\t{}\n".as_slice())
+        .await
+        .expect("copy row");
+    copy.finish().await.expect("copy done");
+
+    let versions = "SELECT event_id, xmin::text || ctid::text FROM events ORDER BY event_id";
+    let before: Vec<(i64, String)> = sqlx::query_as(versions)
+        .fetch_all(&mut conn)
+        .await
+        .expect("row versions before");
+    assert_eq!(before.len(), 4);
+    let report = store
+        .fan_out(&FanOutRequest::new(1000), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.events(), 4, "every insert queued its events");
+    let after: Vec<(i64, String)> = sqlx::query_as(versions)
+        .fetch_all(&mut conn)
+        .await
+        .expect("row versions after");
+    assert_eq!(after, before, "fan-out wrote into the events rows");
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_fan_out_queue")
+        .fetch_one(&mut conn)
+        .await
+        .expect("queue length");
+    assert_eq!(queued, 0, "fan-out took the events off the queue");
+    let second = store
+        .fan_out(&FanOutRequest::new(1000), &orders_route)
+        .await
+        .expect("fan out again");
+    assert_eq!(second.events(), 0, "an event is fanned out once");
     drop(conn);
     drop(store);
     schema.drop().await;

@@ -135,8 +135,8 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
         .doing("appending an event")
 }
 
-/// Take the next new events, oldest first, and mark them fanned out (in the caller's
-/// transaction, so a failed pass leaves them new). Only while holding the fan-out lock:
+/// Take the next new events off the fan-out queue, oldest first (in the caller's
+/// transaction, so a failed pass leaves them queued). Only while holding the fan-out lock:
 /// when another instance holds it, nothing is taken (its pass covers these events). The
 /// lock is taken in the same statement, which saves a round trip on every pass.
 /// A payload over the size limit is measured in the database (as the text a plugin would
@@ -163,7 +163,7 @@ async fn take_candidates(
 /// For each candidate with a producer key, the earliest other event holding that key:
 /// an earlier event, or a later one that an earlier pass already handled (its
 /// transaction committed first). Either way the candidate repeats it. (This pass has
-/// marked its own candidates fanned out already; among them only the id order counts.)
+/// taken its own candidates off the queue already; among them only the id order counts.)
 async fn key_holders(
     conn: &mut PgConnection,
     candidates: &[Candidate],
@@ -584,15 +584,15 @@ impl EventStore for PostgresStore {
 
     async fn backlog(&self) -> StoreResult<Backlog> {
         // No index names `event_status` (migration 0007), so READY events are counted
-        // through the two ways an event is READY: not fanned out yet, or fanned out with
-        // a delivery still open. Both are index look-ups that grow with the backlog, not
-        // with the table.
+        // through the two ways an event is READY: still queued for fan-out (migration
+        // 0008), or fanned out with a delivery still open. Both are look-ups that grow
+        // with the backlog, not with the table.
         let row = sqlx::query(
             "SELECT \
-             (SELECT count(*) FROM events WHERE NOT fanned_out AND event_status = 'READY') \
-             + (SELECT count(*) FROM events e WHERE e.fanned_out \
-                 AND e.event_status = 'READY' AND e.event_id IN (\
-                   SELECT event_id FROM herald_deliveries \
+             (SELECT count(*) FROM herald_fan_out_queue q JOIN events e USING (event_id) \
+                 WHERE e.event_status = 'READY') \
+             + (SELECT count(*) FROM events e WHERE e.event_status = 'READY' \
+                 AND e.event_id IN (SELECT event_id FROM herald_deliveries \
                    WHERE status IN ('PENDING', 'RETRY'))) AS ready_events, \
              (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry",
         )

@@ -25,26 +25,30 @@ pub const INSERT_EVENT: &str =
      idempotency_key, headers) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb) \
      RETURNING event_id";
 
-/// Fan-out: take the next new events and mark them fanned out (`take_candidates`). The
-/// events are picked into an array that then leads the update by primary key: joined to
-/// the update instead, the generic plan merged the pick with a walk over every event.
+/// Fan-out: take the next new events off the queue (`take_candidates`). The queue's ids
+/// are picked into an array that then leads the delete, and the deleted ids the read of
+/// `events`, both by primary key: joined instead, a generic plan could merge them with a
+/// walk over every event. Deleting a queue row writes no index entry, and the `events`
+/// row is not written at all (migration 0008). An id whose event is gone or no longer
+/// READY (deleted or settled by an operator) leaves the queue and is not fanned out.
 pub const TAKE_NEW_EVENTS: &str =
     "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held), \
-     taken AS (UPDATE events e SET fanned_out = TRUE \
-       WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM events, turn \
-         WHERE turn.held AND event_status = 'READY' AND NOT fanned_out \
-         ORDER BY event_id LIMIT $1)) \
-       AND e.event_status = 'READY' AND NOT e.fanned_out \
-       RETURNING e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
+     taken AS (DELETE FROM herald_fan_out_queue q \
+       WHERE q.event_id = ANY (ARRAY(SELECT event_id FROM herald_fan_out_queue, turn \
+         WHERE turn.held ORDER BY event_id LIMIT $1)) \
+       RETURNING q.event_id), \
+     read AS (SELECT e.event_id, e.event_type, e.event_target, e.entity_type, e.entity_id, \
          e.event_data::text AS data, e.headers::text AS headers, e.idempotency_key, \
-         e.created_at) \
+         e.created_at \
+       FROM events e WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM taken)) \
+         AND e.event_status = 'READY') \
      SELECT event_id, event_type, event_target, entity_type, entity_id, \
        coalesce(octet_length(data), 0)::bigint AS event_data_bytes, \
        CASE WHEN octet_length(data) <= $3 THEN data END AS event_data, \
        coalesce(octet_length(headers), 0)::bigint AS headers_bytes, \
        CASE WHEN octet_length(headers) <= $3 THEN headers END AS headers, \
        idempotency_key, created_at \
-     FROM taken";
+     FROM read";
 
 /// Fan-out: the earliest other holder of each candidate's producer key (`key_holders`).
 /// The `+ 0` keeps the primary key's order from leading the look-up: the key's index
@@ -53,7 +57,8 @@ pub const KEY_HOLDERS: &str =
     "SELECT c.id, (SELECT o.event_id FROM events o WHERE o.idempotency_key = c.key \
        AND o.event_id <> c.id AND o.event_status <> 'DUPLICATE' \
        AND (o.event_id < c.id OR o.event_status <> 'READY' \
-         OR (o.fanned_out AND o.event_id <> ALL($1))) \
+         OR (o.event_id <> ALL($1) AND NOT EXISTS (SELECT 1 FROM herald_fan_out_queue q \
+           WHERE q.event_id = o.event_id))) \
        ORDER BY o.event_id + 0 LIMIT 1) \
      FROM UNNEST($1::bigint[], $2::text[]) AS c(id, key)";
 
