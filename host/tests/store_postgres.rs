@@ -278,6 +278,66 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     schema.drop().await;
 }
 
+/// A claim learns whether each claimed delivery's key is done by one probe of the ledger
+/// and one of the delivery's attempts, never by reading either whole: both grow for as
+/// long as Herald runs. Planned as a claim is, with the ledger, the attempts log and the
+/// open deliveries at sizes where a plan may prefer to hash a whole table.
+#[tokio::test]
+async fn a_claim_probes_the_ledger_and_attempts_log_instead_of_reading_them() {
+    let Some(schema) = PgSchema::create("store_pg_claim_plan").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("plan connection");
+    sqlx::raw_sql(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+           SELECT 'order.created', 'order', (g % 500)::text, '{}' \
+           FROM generate_series(1, 2000) g; \
+         INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+           idempotency_key) \
+           SELECT event_id, 'orders', entity_type, entity_id, true, \
+             'herald-' || event_id || '-orders' FROM events; \
+         INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+           instance, started_at, duration_us) \
+           SELECT 100000 + g, 100000 + g, 'orders', 1, 'DELIVERED', 'earlier', now(), 1 \
+           FROM generate_series(1, 30000) g; \
+         INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome) \
+           SELECT 'orders', 'key-' || g, 100000 + g, 'DELIVERED' \
+           FROM generate_series(1, 30000) g; \
+         ANALYZE events; ANALYZE herald_deliveries; ANALYZE herald_attempts; \
+         ANALYZE herald_idempotency;",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("tables of a running Herald");
+    sqlx::raw_sql(&format!("PREPARE claim AS {}", *plans::CLAIM_DELIVERIES))
+        .execute(&mut conn)
+        .await
+        .expect("prepare the claim");
+    let plan: sqlx::types::JsonValue =
+        sqlx::query_scalar("EXPLAIN (FORMAT JSON) EXECUTE claim('planner', 60, 500, '{}'::text[])")
+            .fetch_one(&mut conn)
+            .await
+            .expect("explain the claim");
+    let mut found = Vec::new();
+    unbounded_scans(&plan[0]["Plan"], &mut found);
+    let whole: Vec<String> = found
+        .into_iter()
+        .filter(|(_, on)| on.starts_with("herald_attempts") || on.starts_with("herald_idempotency"))
+        .map(|(kind, on)| format!("{kind} on {on}"))
+        .collect();
+    assert_eq!(
+        whole,
+        Vec::<String>::new(),
+        "the claim reads the ledger or attempts log whole"
+    );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
 /// An outcome's status change on its event is a HOT update (no index entry written) only
 /// while no index of `events` names `event_status`, in its columns or its condition, and
 /// the pages keep room for the new version (migration 0007; BENCHMARKS.md).

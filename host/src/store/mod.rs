@@ -156,23 +156,17 @@ pub trait EventStore: Send + Sync {
 }
 
 /// How a claim learns that its delivery's key is already done, as the `ledger_` columns
-/// of a claim row (see `rows::ledger`); the same SQL on both backends, joined to the
-/// claimed delivery `d`. A producer's key is looked up in the ledger, which outlives the
-/// events that used it. A derived key names this one delivery, so its own attempts log
-/// is its ledger: the first attempt that delivered or skipped it.
+/// of a claim row (see `rows::ledger`); the same columns on both backends, each joining
+/// `i` (the ledger row) and `a` (the attempt) to the claimed delivery `d` its own way. A
+/// producer's key is looked up in the ledger, which outlives the events that used it. A
+/// derived key names this one delivery, so its own attempts log is its ledger: the first
+/// attempt that delivered or skipped it.
 pub(crate) const COMPLETED_KEY_COLUMNS: &str = "\
      CASE WHEN i.outcome IS NULL THEN a.outcome ELSE i.outcome END AS ledger_outcome, \
      CASE WHEN i.outcome IS NULL THEN a.event_id ELSE i.event_id END AS ledger_event_id, \
      CASE WHEN i.outcome IS NULL THEN a.detail ELSE i.detail END AS ledger_detail, \
      CASE WHEN i.outcome IS NULL THEN a.recorded_at ELSE i.completed_at END \
        AS ledger_completed_at";
-/// The joins [`COMPLETED_KEY_COLUMNS`] reads.
-pub(crate) const COMPLETED_KEY_JOINS: &str = " \
-     LEFT JOIN herald_idempotency i ON i.route = d.route \
-       AND i.idempotency_key = d.idempotency_key \
-     LEFT JOIN herald_attempts a ON a.attempt_id = (SELECT min(x.attempt_id) \
-       FROM herald_attempts x WHERE x.delivery_id = d.delivery_id \
-         AND x.outcome IN ('DELIVERED', 'SKIPPED'))";
 
 /// Quarantine statements; the same SQL on both backends.
 pub(crate) const QUARANTINE_SQL: &str = "INSERT INTO herald_quarantine (plugin, reason, faults) \

@@ -30,8 +30,17 @@ use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
     Instance, LedgerEntry, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError,
-    StoreResult, COMPLETED_KEY_COLUMNS, COMPLETED_KEY_JOINS,
+    StoreResult, COMPLETED_KEY_COLUMNS,
 };
+
+/// The joins [`COMPLETED_KEY_COLUMNS`] reads. SQLite runs a join as nested loops, so each
+/// is one look-up per claimed delivery: the ledger's key, and the attempt by its rowid.
+const COMPLETED_KEY_JOINS: &str = " \
+     LEFT JOIN herald_idempotency i ON i.route = d.route \
+       AND i.idempotency_key = d.idempotency_key \
+     LEFT JOIN herald_attempts a ON a.attempt_id = (SELECT min(x.attempt_id) \
+       FROM herald_attempts x WHERE x.delivery_id = d.delivery_id \
+         AND x.outcome IN ('DELIVERED', 'SKIPPED'))";
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 

@@ -36,7 +36,7 @@ use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
     FanOutRequest, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection, Router,
-    StoreError, StoreResult, COMPLETED_KEY_COLUMNS, COMPLETED_KEY_JOINS,
+    StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -515,40 +515,14 @@ impl EventStore for PostgresStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        let rows = sqlx::query(&format!(
-            "WITH picked AS (\
-               SELECT d.delivery_id FROM herald_deliveries d \
-               WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= now() \
-                 AND (d.locked_until IS NULL OR d.locked_until <= now()) \
-                 AND (NOT d.ordered OR NOT EXISTS (\
-                   SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
-                   AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
-                   AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
-                 AND NOT (d.route = ANY($4)) \
-               ORDER BY d.next_attempt_at, d.delivery_id LIMIT $3 \
-               FOR UPDATE SKIP LOCKED), \
-             claimed AS (\
-               UPDATE herald_deliveries d SET locked_by = $1, \
-                 locked_until = now() + make_interval(secs => $2), \
-                 attempts = d.attempts + 1, updated_at = now() \
-               FROM picked WHERE d.delivery_id = picked.delivery_id \
-               RETURNING d.delivery_id, d.event_id, d.route, d.attempts, d.idempotency_key, \
-                 d.next_attempt_at) \
-             SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
-               {COMPLETED_KEY_COLUMNS}, \
-               e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
-               e.event_data::text AS event_data, e.event_status, e.status_reason, \
-               e.idempotency_key AS producer_key, e.headers::text AS headers, e.created_at \
-             FROM claimed d JOIN events e ON e.event_id = d.event_id {COMPLETED_KEY_JOINS} \
-             ORDER BY d.next_attempt_at, d.delivery_id"
-        ))
-        .bind(&request.owner)
-        .bind(request.lease.as_secs_f64())
-        .bind(i64::from(request.limit))
-        .bind(&request.paused_routes)
-        .fetch_all(&self.lease_pool)
-        .await
-        .doing("claiming deliveries")?;
+        let rows = sqlx::query(&plans::CLAIM_DELIVERIES)
+            .bind(&request.owner)
+            .bind(request.lease.as_secs_f64())
+            .bind(i64::from(request.limit))
+            .bind(&request.paused_routes)
+            .fetch_all(&self.lease_pool)
+            .await
+            .doing("claiming deliveries")?;
         rows.iter().map(rows::claimed).collect()
     }
 

@@ -1,4 +1,5 @@
-//! The statements of fan-out and outcome transactions, and how they are planned.
+//! The statements of fan-out and outcome transactions, and how they are planned; and the
+//! claim's, which is planned on each run but written to the same rule.
 //!
 //! Each of them runs inside a transaction begun with [`PLAN_ONCE`]: planned once per
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
@@ -14,6 +15,10 @@
 //! a table but through the ids, the lane or the key it names: by primary key with the ids
 //! as an array (`= ANY`), by the lane index, or by a key's index. A test
 //! (`tests/store_postgres.rs`) plans each of them on empty tables and checks every scan.
+
+use std::sync::LazyLock;
+
+use crate::store::COMPLETED_KEY_COLUMNS;
 
 /// How the transactions of fan-out and of outcomes begin.
 pub const PLAN_ONCE: &str =
@@ -137,6 +142,53 @@ pub const RECORD_KEYS: &str =
     "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
      ON CONFLICT DO NOTHING";
+
+/// Claim: what is known done for each claimed delivery's key, as the columns
+/// [`COMPLETED_KEY_COLUMNS`] reads. Each is a LATERAL look-up with a `LIMIT`, one probe
+/// of an index per claimed delivery. As plain joins, Postgres answered the attempts log's
+/// by hashing the whole log: on a log of 30,000 attempts that was 7 ms of a 12 ms claim
+/// of 356 deliveries, and it grows with the log (the ledger's join could do the same).
+const CLAIM_COMPLETED_KEYS: &str = " \
+     LEFT JOIN LATERAL (SELECT l.outcome, l.event_id, l.detail, l.completed_at \
+       FROM herald_idempotency l \
+       WHERE l.route = d.route AND l.idempotency_key = d.idempotency_key LIMIT 1) i ON TRUE \
+     LEFT JOIN LATERAL (SELECT x.outcome, x.event_id, x.detail, x.recorded_at \
+       FROM herald_attempts x \
+       WHERE x.delivery_id = d.delivery_id AND x.outcome IN ('DELIVERED', 'SKIPPED') \
+       ORDER BY x.attempt_id LIMIT 1) a ON TRUE";
+
+/// Claim: lease the due deliveries (oldest first, an ordered lane's head only, none of a
+/// paused route) and read each with its event and what is known done for its key.
+/// Parameters: owner, lease in seconds, limit, paused routes.
+pub static CLAIM_DELIVERIES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH picked AS (\
+           SELECT d.delivery_id FROM herald_deliveries d \
+           WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= now() \
+             AND (d.locked_until IS NULL OR d.locked_until <= now()) \
+             AND (NOT d.ordered OR NOT EXISTS (\
+               SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
+               AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
+               AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
+             AND NOT (d.route = ANY($4)) \
+           ORDER BY d.next_attempt_at, d.delivery_id LIMIT $3 \
+           FOR UPDATE SKIP LOCKED), \
+         claimed AS (\
+           UPDATE herald_deliveries d SET locked_by = $1, \
+             locked_until = now() + make_interval(secs => $2), \
+             attempts = d.attempts + 1, updated_at = now() \
+           FROM picked WHERE d.delivery_id = picked.delivery_id \
+           RETURNING d.delivery_id, d.event_id, d.route, d.attempts, d.idempotency_key, \
+             d.next_attempt_at) \
+         SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
+           {COMPLETED_KEY_COLUMNS}, \
+           e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
+           e.event_data::text AS event_data, e.event_status, e.status_reason, \
+           e.idempotency_key AS producer_key, e.headers::text AS headers, e.created_at \
+         FROM claimed d JOIN events e ON e.event_id = d.event_id{CLAIM_COMPLETED_KEYS} \
+         ORDER BY d.next_attempt_at, d.delivery_id"
+    )
+});
 
 /// Every statement above, by name, for the plan test.
 pub const PLANNED_ONCE: &[(&str, &str)] = &[
