@@ -102,6 +102,25 @@ impl Db {
             .await
     }
 
+    /// Counts READY events (narrowed by `filter`) the way Herald's backlog gauge does:
+    /// those not fanned out yet, and those with a delivery still open. Counted while a
+    /// drain runs, so on Postgres, where no index names the status, it must not scan the
+    /// table it measures: new events are found through the fan-out queue there
+    /// (migration 0008), and through `fanned_out` on SQLite.
+    fn ready_events_sql(&self, filter: &str) -> String {
+        let not_fanned_out = match self {
+            Db::Sqlite(_) => "NOT fanned_out",
+            Db::Postgres(_) => "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
+        };
+        format!(
+            "SELECT (SELECT count(*) FROM events WHERE {not_fanned_out} \
+               AND event_status = 'READY'{filter}) \
+             + (SELECT count(*) FROM events WHERE event_status = 'READY'{filter} \
+               AND event_id IN (SELECT event_id FROM herald_deliveries \
+                 WHERE status IN ('PENDING', 'RETRY')))"
+        )
+    }
+
     pub async fn events_with_status(&self, status: &str) -> anyhow::Result<i64> {
         self.scalar(&format!(
             "SELECT count(*) FROM events WHERE event_status = '{status}'"
@@ -411,25 +430,4 @@ pub fn webhook_route(event_types: &str, sink: &Sink) -> String {
         sink.host(),
         sink.url()
     )
-}
-
-/// Counts READY events (narrowed by `filter`) the way Herald's backlog gauge does: those
-/// not fanned out yet, and those with a delivery still open. Counted while a drain runs,
-/// so on Postgres, where no index names the status, it must not scan the table it
-/// measures: new events are found through the fan-out queue there (migration 0008) and
-/// through `fanned_out` on SQLite.
-impl Db {
-    fn ready_events_sql(&self, filter: &str) -> String {
-        let not_fanned_out = match self {
-            Db::Sqlite(_) => "NOT fanned_out",
-            Db::Postgres(_) => "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
-        };
-        format!(
-            "SELECT (SELECT count(*) FROM events WHERE {not_fanned_out} \
-               AND event_status = 'READY'{filter}) \
-             + (SELECT count(*) FROM events WHERE event_status = 'READY'{filter} \
-               AND event_id IN (SELECT event_id FROM herald_deliveries \
-                 WHERE status IN ('PENDING', 'RETRY')))"
-        )
-    }
 }
