@@ -387,7 +387,7 @@ async fn the_status_of_an_event_changes_without_writing_its_indexes() {
 /// Fan-out takes new events off a queue the producer's insert fills (migration 0008): it
 /// writes nothing into the `events` row, whose only later write is the outcome's HOT
 /// status change. Every way of inserting queues the event: one row, many rows in one
-/// statement, and COPY.
+/// statement, COPY, and a logical replication subscriber's apply (replica role).
 #[tokio::test]
 async fn fan_out_leaves_the_event_row_as_the_producer_wrote_it() {
     let Some(schema) = PgSchema::create("store_pg_fan_out_queue").await else {
@@ -415,18 +415,28 @@ async fn fan_out_leaves_the_event_row_as_the_producer_wrote_it() {
         .await
         .expect("copy row");
     copy.finish().await.expect("copy done");
+    // As a logical replication subscriber applies rows: ordinary triggers do not fire.
+    sqlx::raw_sql(
+        "SET session_replication_role = replica; \
+         INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', 'replicated', '{}'); \
+         SET session_replication_role = origin",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("replicated insert");
 
     let versions = "SELECT event_id, xmin::text || ctid::text FROM events ORDER BY event_id";
     let before: Vec<(i64, String)> = sqlx::query_as(versions)
         .fetch_all(&mut conn)
         .await
         .expect("row versions before");
-    assert_eq!(before.len(), 4);
+    assert_eq!(before.len(), 5);
     let report = store
         .fan_out(&FanOutRequest::new(1000), &orders_route)
         .await
         .expect("fan out");
-    assert_eq!(report.events(), 4, "every insert queued its events");
+    assert_eq!(report.events(), 5, "every insert queued its events");
     let after: Vec<(i64, String)> = sqlx::query_as(versions)
         .fetch_all(&mut conn)
         .await

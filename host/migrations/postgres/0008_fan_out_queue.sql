@@ -37,6 +37,14 @@ DROP FUNCTION herald_notify_new_events();
 CREATE TRIGGER events_queue_for_fan_out
     AFTER INSERT ON events REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION herald_queue_for_fan_out();
+-- Also when rows arrive by logical replication (session_replication_role = replica), which
+-- skips ordinary triggers: an event that is not queued is never fanned out. A restore
+-- that disables triggers must queue its READY events itself:
+--   INSERT INTO herald_fan_out_queue SELECT event_id FROM events e
+--     WHERE event_status = 'READY' AND NOT EXISTS
+--       (SELECT 1 FROM herald_deliveries d WHERE d.event_id = e.event_id)
+--   ON CONFLICT DO NOTHING;
+ALTER TABLE events ENABLE ALWAYS TRIGGER events_queue_for_fan_out;
 
 DROP INDEX events_to_fan_out;
 ALTER TABLE events DROP COLUMN fanned_out;
