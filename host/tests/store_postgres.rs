@@ -338,6 +338,85 @@ async fn a_claim_probes_the_ledger_and_attempts_log_instead_of_reading_them() {
     schema.drop().await;
 }
 
+/// A delivery that succeeds writes index entries only where the drain needs them
+/// (migration 0009): besides the two keys, every index of the deliveries holds open or
+/// failed ones only, and no index of the attempts names the event. An event's attempts
+/// are still read by index, through its deliveries, beside a large attempts log.
+#[tokio::test]
+async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
+    let Some(schema) = PgSchema::create("store_pg_lean_indexes").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("operator connection");
+    let indexes = "SELECT i.indexrelid::regclass::text FROM pg_index i \
+         WHERE i.indrelid = $1::regclass AND NOT i.indisunique AND i.indpred IS NULL \
+         ORDER BY 1";
+    let unconditional: Vec<String> = sqlx::query_scalar(indexes)
+        .bind("herald_deliveries")
+        .fetch_all(&mut conn)
+        .await
+        .expect("indexes of the deliveries");
+    assert_eq!(
+        unconditional,
+        Vec::<String>::new(),
+        "indexes every delivered delivery writes into"
+    );
+    let naming_the_event: Vec<String> = sqlx::query_scalar(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = 'herald_attempts'::regclass AND a.attname = 'event_id'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("indexes of the attempts");
+    assert_eq!(naming_the_event, Vec::<String>::new());
+
+    sqlx::raw_sql(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+           SELECT 'order.created', 'order', g::text, '{}' FROM generate_series(1, 2000) g; \
+         INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+           idempotency_key, status) \
+           SELECT event_id, 'orders', entity_type, entity_id, true, \
+             'herald-' || event_id || '-orders', 'SUCCESS' FROM events; \
+         INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+           instance, started_at, duration_us) \
+           SELECT d.delivery_id, d.event_id, 'orders', n, 'RETRY', 'earlier', now(), 1 \
+           FROM herald_deliveries d, generate_series(1, 15) n; \
+         ANALYZE events; ANALYZE herald_deliveries; ANALYZE herald_attempts;",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("tables of a running Herald");
+    sqlx::raw_sql(&format!("PREPARE attempts AS {}", plans::EVENT_ATTEMPTS))
+        .execute(&mut conn)
+        .await
+        .expect("prepare");
+    let plan: sqlx::types::JsonValue =
+        sqlx::query_scalar("EXPLAIN (FORMAT JSON) EXECUTE attempts(1000)")
+            .fetch_one(&mut conn)
+            .await
+            .expect("explain an event's attempts");
+    let mut found = Vec::new();
+    unbounded_scans(&plan[0]["Plan"], &mut found);
+    assert_eq!(found, Vec::new(), "an event's attempts read whole tables");
+    let detail = store
+        .event_detail(1000)
+        .await
+        .expect("event detail")
+        .expect("the event exists");
+    assert_eq!(
+        detail.attempts.len(),
+        15,
+        "the event's attempts, through its delivery"
+    );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
 /// An outcome's status change on its event is a HOT update (no index entry written) only
 /// while no index of `events` names `event_status`, in its columns or its condition, and
 /// the pages keep room for the new version (migration 0007; BENCHMARKS.md).

@@ -744,12 +744,11 @@ impl EventStore for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .doing("reading an event's deliveries")?;
-        let attempts =
-            sqlx::query("SELECT * FROM herald_attempts WHERE event_id = $1 ORDER BY attempt_id")
-                .bind(event_id)
-                .fetch_all(&self.pool)
-                .await
-                .doing("reading an event's attempts")?;
+        let attempts = sqlx::query(plans::EVENT_ATTEMPTS)
+            .bind(event_id)
+            .fetch_all(&self.pool)
+            .await
+            .doing("reading an event's attempts")?;
         Ok(Some(EventDetail {
             event: rows::event(&row)?,
             deliveries: deliveries

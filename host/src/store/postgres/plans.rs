@@ -143,6 +143,12 @@ pub const RECORD_KEYS: &str =
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
      ON CONFLICT DO NOTHING";
 
+/// An event's attempts (`herald events show`), through its deliveries: no index of the
+/// attempts names the event (migration 0009).
+pub const EVENT_ATTEMPTS: &str = "SELECT * FROM herald_attempts WHERE delivery_id IN (\
+       SELECT delivery_id FROM herald_deliveries WHERE event_id = $1) \
+     ORDER BY attempt_id";
+
 /// Claim: what is known done for each claimed delivery's key, as the columns
 /// [`COMPLETED_KEY_COLUMNS`] reads. Each is a LATERAL look-up with a `LIMIT`, one probe
 /// of an index per claimed delivery. As plain joins, Postgres answered the attempts log's
