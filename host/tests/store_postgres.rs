@@ -221,6 +221,42 @@ fn unbounded_scans(node: &serde_json::Value, found: &mut Vec<(String, String)>) 
     }
 }
 
+/// Prepare `statement` as `name`, plan it with `arguments` (SQL literals; `None` plans it
+/// with every parameter NULL) and return the plan's unbounded scans.
+async fn unbounded_scans_of(
+    conn: &mut PgConnection,
+    name: &str,
+    statement: &str,
+    arguments: Option<&str>,
+) -> Vec<(String, String)> {
+    sqlx::raw_sql(&format!("PREPARE {name} AS {statement}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+    let arguments = match arguments {
+        Some(arguments) => arguments.to_owned(),
+        None => {
+            let parameters: i32 = sqlx::query_scalar(
+                "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .expect("parameter count");
+            vec!["NULL"; usize::try_from(parameters).expect("count")].join(", ")
+        }
+    };
+    let plan: sqlx::types::JsonValue = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})"
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap_or_else(|e| panic!("explain {name}: {e}"));
+    let mut found = Vec::new();
+    unbounded_scans(&plan[0]["Plan"], &mut found);
+    found
+}
+
 /// Index walks that are meant: the fan-out queue holds only the new events, in order, and
 /// the walk stops at the batch limit.
 const BOUNDED_WALKS: &[(&str, &str)] = &[("take_new_events", "herald_fan_out_queue_pkey")];
@@ -243,25 +279,7 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
         .expect("begin as fan-out and outcomes do");
     let mut offenders = Vec::new();
     for (name, statement) in plans::PLANNED_ONCE {
-        sqlx::raw_sql(&format!("PREPARE {name} AS {statement}"))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
-        let parameters: i32 = sqlx::query_scalar(
-            "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await
-        .expect("parameter count");
-        let nulls = vec!["NULL"; usize::try_from(parameters).expect("count")].join(", ");
-        let plan: sqlx::types::JsonValue =
-            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})"))
-                .fetch_one(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("explain {name}: {e}"));
-        let mut found = Vec::new();
-        unbounded_scans(&plan[0]["Plan"], &mut found);
+        let found = unbounded_scans_of(&mut conn, name, statement, None).await;
         offenders.extend(
             found
                 .into_iter()
@@ -312,17 +330,13 @@ async fn a_claim_probes_the_ledger_and_attempts_log_instead_of_reading_them() {
     .execute(&mut conn)
     .await
     .expect("tables of a running Herald");
-    sqlx::raw_sql(&format!("PREPARE claim AS {}", *plans::CLAIM_DELIVERIES))
-        .execute(&mut conn)
-        .await
-        .expect("prepare the claim");
-    let plan: sqlx::types::JsonValue =
-        sqlx::query_scalar("EXPLAIN (FORMAT JSON) EXECUTE claim('planner', 60, 500, '{}'::text[])")
-            .fetch_one(&mut conn)
-            .await
-            .expect("explain the claim");
-    let mut found = Vec::new();
-    unbounded_scans(&plan[0]["Plan"], &mut found);
+    let found = unbounded_scans_of(
+        &mut conn,
+        "claim",
+        &plans::CLAIM_DELIVERIES,
+        Some("'planner', 60, 500, '{}'::text[]"),
+    )
+    .await;
     let whole: Vec<String> = found
         .into_iter()
         .filter(|(_, on)| on.starts_with("herald_attempts") || on.starts_with("herald_idempotency"))
@@ -390,17 +404,8 @@ async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
     .execute(&mut conn)
     .await
     .expect("tables of a running Herald");
-    sqlx::raw_sql(&format!("PREPARE attempts AS {}", plans::EVENT_ATTEMPTS))
-        .execute(&mut conn)
-        .await
-        .expect("prepare");
-    let plan: sqlx::types::JsonValue =
-        sqlx::query_scalar("EXPLAIN (FORMAT JSON) EXECUTE attempts(1000)")
-            .fetch_one(&mut conn)
-            .await
-            .expect("explain an event's attempts");
-    let mut found = Vec::new();
-    unbounded_scans(&plan[0]["Plan"], &mut found);
+    let found =
+        unbounded_scans_of(&mut conn, "attempts", plans::EVENT_ATTEMPTS, Some("1000")).await;
     assert_eq!(found, Vec::new(), "an event's attempts read whole tables");
     let detail = store
         .event_detail(1000)

@@ -1,5 +1,6 @@
-//! The statements of fan-out and outcome transactions, and how they are planned; and the
-//! claim's, which is planned on each run but written to the same rule.
+//! The statements of fan-out and outcome transactions, and how they are planned; and two
+//! that are planned on each run but written to the same rule: the claim, and the read of
+//! an event's attempts.
 //!
 //! Each of them runs inside a transaction begun with [`PLAN_ONCE`]: planned once per
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
