@@ -106,10 +106,10 @@ impl Db {
     /// those not fanned out yet, and those with a delivery still open. Counted while a
     /// drain runs, so on Postgres, where no index names the status, it must not scan the
     /// table it measures: new events are found through the fan-out queue there
-    /// (migration 0008), and through `fanned_out` on SQLite.
+    /// (migration 0008), and above the fan-out cursor on SQLite (its migration 0005).
     fn ready_events_sql(&self, filter: &str) -> String {
         let not_fanned_out = match self {
-            Db::Sqlite(_) => "NOT fanned_out",
+            Db::Sqlite(_) => "event_id > (SELECT last_event_id FROM herald_fan_out_cursor)",
             Db::Postgres(_) => "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
         };
         format!(

@@ -22,6 +22,7 @@ use super::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
 use super::fan_out::Candidate;
 use super::filters::{push_delivery_filter, push_event_filter};
+use super::model::EventStatus;
 use super::rows::{self, column_error, StoreRow};
 use super::time::{
     from_sqlite_text, sqlite_offset, sqlite_offset_back, to_sqlite_text, SQLITE_NOW,
@@ -48,7 +49,13 @@ const EVENT_COLUMNS: &str = "event_id, event_target, event_type, entity_type, en
      event_data, event_status, status_reason, idempotency_key, headers, created_at";
 
 pub struct SqliteStore {
+    /// Reads, and the few writes outside the dispatch path (producers, operators).
     pool: SqlitePool,
+    /// The one connection of fan-out, claims and outcomes. A SQLite connection drops its
+    /// page cache whenever another connection has written since its last transaction;
+    /// with these writes spread over a pool, nearly every transaction began by reading
+    /// its pages again (half of a drain's `pread` calls, 8 % of its throughput).
+    writer: SqlitePool,
     path: PathBuf,
     write_turn: Mutex<()>,
 }
@@ -69,16 +76,27 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let refused = |source| StoreError::Connect {
+            url: format!("sqlite://{}", path.display()),
+            source,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .connect_with(connect.clone())
+            .await
+            .map_err(refused)?;
+        // Kept open for the store's life: its page cache is what it is for.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(connect)
             .await
-            .map_err(|source| StoreError::Connect {
-                url: format!("sqlite://{}", path.display()),
-                source,
-            })?;
+            .map_err(refused)?;
         Ok(SqliteStore {
             pool,
+            writer,
             path: path.to_path_buf(),
             write_turn: Mutex::new(()),
         })
@@ -97,7 +115,7 @@ impl SqliteStore {
     ) -> StoreResult<(MutexGuard<'_, ()>, sqlx::Transaction<'static, Sqlite>)> {
         let turn = self.write_turn.lock().await;
         let tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .doing("starting a write transaction")?;
@@ -167,8 +185,9 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
 /// Rows per multi-row INSERT: well under SQLite's limit of 32,766 bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
-/// Take the next new events, oldest first, and mark them fanned out (in the caller's
-/// transaction, so a failed pass leaves them new).
+/// Take the next new events, oldest first, and move the fan-out cursor past them (in the
+/// caller's transaction, so a failed pass leaves them new). An event that is not READY
+/// when fan-out reaches it is passed over; no path makes an event READY again.
 /// Sizes are counted in bytes (`CAST AS BLOB`; `length` of text counts characters), and a
 /// payload over the limit is not read at all.
 async fn take_candidates(
@@ -176,45 +195,47 @@ async fn take_candidates(
     request: &FanOutRequest,
 ) -> StoreResult<Vec<Candidate>> {
     let rows = sqlx::query(
-        "UPDATE events SET fanned_out = 1 WHERE event_id IN (\
-           SELECT event_id FROM events INDEXED BY events_to_fan_out \
-           WHERE event_status = 'READY' AND fanned_out = 0 \
-           ORDER BY event_id LIMIT $1) \
-         RETURNING event_id, event_type, event_target, entity_type, entity_id, \
+        "SELECT event_id, event_status, event_type, event_target, entity_type, entity_id, \
            coalesce(length(CAST(event_data AS BLOB)), 0) AS event_data_bytes, \
            CASE WHEN length(CAST(event_data AS BLOB)) <= $2 THEN event_data END AS event_data, \
            coalesce(length(CAST(headers AS BLOB)), 0) AS headers_bytes, \
            CASE WHEN length(CAST(headers AS BLOB)) <= $2 THEN headers END AS headers, \
-           idempotency_key, created_at",
+           idempotency_key, created_at \
+         FROM events WHERE event_id > (SELECT last_event_id FROM herald_fan_out_cursor) \
+         ORDER BY event_id LIMIT $1",
     )
     .bind(i64::from(request.limit))
     .bind(request.max_bytes_sql())
-    .fetch_all(conn)
+    .fetch_all(&mut *conn)
     .await
     .doing("reading new events")?;
-    let mut candidates = rows
-        .iter()
-        .map(|row| rows::candidate(row, request.max_event_bytes))
-        .collect::<StoreResult<Vec<_>>>()?;
-    candidates.sort_by_key(|c| c.head.event_id);
+    let Some(last) = rows.last() else {
+        return Ok(Vec::new());
+    };
+    sqlx::query("UPDATE herald_fan_out_cursor SET last_event_id = $1")
+        .bind(last.int("event_id")?)
+        .execute(&mut *conn)
+        .await
+        .doing("moving the fan-out cursor")?;
+    let mut candidates = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.text("event_status")? == EventStatus::Ready.as_str() {
+            candidates.push(rows::candidate(row, request.max_event_bytes)?);
+        }
+    }
     Ok(candidates)
 }
 
-/// For each candidate with a producer key, the earliest other event holding that key:
-/// an earlier event, or a later one that an earlier pass already handled. Either way the
-/// candidate repeats it. (This pass has marked its own candidates fanned out already;
-/// among them only the id order counts. One statement per key: SQLite runs in-process.)
+/// For each candidate with a producer key, the earliest other event holding that key: an
+/// earlier event, or a later one already settled. Either way the candidate repeats it.
+/// (Events reach fan-out in the order they committed: SQLite has one writer, and
+/// AUTOINCREMENT never hands out an id twice. One statement per key: SQLite runs
+/// in-process.)
 async fn key_holders(
     conn: &mut SqliteConnection,
     candidates: &[Candidate],
 ) -> StoreResult<HashMap<i64, i64>> {
     let mut holders = HashMap::new();
-    let this_pass = id_list(
-        &candidates
-            .iter()
-            .map(|c| c.head.event_id)
-            .collect::<Vec<_>>(),
-    );
     for candidate in candidates {
         let Some(key) = &candidate.idempotency_key else {
             continue;
@@ -222,13 +243,11 @@ async fn key_holders(
         let holder: Option<i64> = sqlx::query_scalar(
             "SELECT event_id FROM events o WHERE idempotency_key = $1 \
              AND event_id <> $2 AND event_status <> 'DUPLICATE' \
-             AND (event_id < $2 OR event_status <> 'READY' \
-               OR (fanned_out = 1 AND event_id NOT IN (SELECT value FROM json_each($3)))) \
+             AND (event_id < $2 OR event_status <> 'READY') \
              ORDER BY event_id LIMIT 1",
         )
         .bind(key)
         .bind(candidate.head.event_id)
-        .bind(&this_pass)
         .fetch_optional(&mut *conn)
         .await
         .doing("checking an idempotency key")?;
@@ -289,43 +308,66 @@ async fn insert_deliveries(
     deliveries: &[NewDelivery],
     start: Option<&ClaimRequest>,
 ) -> StoreResult<HashMap<(i64, String), i64>> {
-    let owner = start.map(|s| s.owner.as_str());
-    let until = sqlite_offset(start.map_or(Duration::ZERO, |s| s.lease));
-    let mut started = HashMap::new();
-    for chunk in deliveries.chunks(ROWS_PER_INSERT) {
-        let rows: Vec<(i64, i64, String, bool)> = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-             idempotency_key, locked_by, locked_until, attempts) ",
-        )
-        .push_values(chunk, |mut row, d| {
-            row.push_bind(d.event_id)
-                .push_bind(&d.route)
-                .push_bind(&d.entity_type)
-                .push_bind(&d.entity_id)
-                .push_bind(d.ordered)
-                .push_bind(&d.idempotency_key);
-            if d.start {
-                row.push_bind(owner)
+    // Only the started deliveries' ids are needed, and each row a statement returns is a
+    // hand-off from SQLite's thread: the rest go in without RETURNING. Kept apart, a full
+    // chunk of either kind is one statement text, prepared once per connection.
+    let (started, waiting): (Vec<&NewDelivery>, Vec<&NewDelivery>) =
+        deliveries.iter().partition(|d| d.start && start.is_some());
+    for chunk in waiting.chunks(ROWS_PER_INSERT) {
+        delivery_insert(chunk, None)
+            .build()
+            .execute(&mut *conn)
+            .await
+            .doing("creating deliveries")?;
+    }
+    let mut ids = HashMap::new();
+    if let Some(start) = start {
+        for chunk in started.chunks(ROWS_PER_INSERT) {
+            let rows: Vec<(i64, i64, String)> = delivery_insert(chunk, Some(start))
+                .push(" RETURNING delivery_id, event_id, route")
+                .build_query_as()
+                .fetch_all(&mut *conn)
+                .await
+                .doing("creating deliveries")?;
+            ids.extend(
+                rows.into_iter()
+                    .map(|(delivery_id, event_id, route)| ((event_id, route), delivery_id)),
+            );
+        }
+    }
+    Ok(ids)
+}
+
+/// The INSERT of `chunk`, leased to `start`'s owner when given, else waiting for a claim.
+fn delivery_insert<'a>(
+    chunk: &'a [&'a NewDelivery],
+    start: Option<&'a ClaimRequest>,
+) -> QueryBuilder<'a, Sqlite> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+         idempotency_key, locked_by, locked_until, attempts) ",
+    );
+    query.push_values(chunk, |mut row, d| {
+        row.push_bind(d.event_id)
+            .push_bind(&d.route)
+            .push_bind(&d.entity_type)
+            .push_bind(&d.entity_id)
+            .push_bind(d.ordered)
+            .push_bind(&d.idempotency_key);
+        match start {
+            Some(start) => {
+                row.push_bind(&start.owner)
                     .push("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ")
-                    .push_bind_unseparated(until.clone())
+                    .push_bind_unseparated(sqlite_offset(start.lease))
                     .push_unseparated(")")
                     .push("1");
-            } else {
+            }
+            None => {
                 row.push("NULL").push("NULL").push("0");
             }
-        })
-        .push(" RETURNING delivery_id, event_id, route, locked_by IS NOT NULL")
-        .build_query_as()
-        .fetch_all(&mut *conn)
-        .await
-        .doing("creating deliveries")?;
-        started.extend(
-            rows.into_iter()
-                .filter(|(_, _, _, started)| *started)
-                .map(|(delivery_id, event_id, route, _)| ((event_id, route), delivery_id)),
-        );
-    }
-    Ok(started)
+        }
+    });
+    query
 }
 
 /// What the ledger holds for the producer keys of the deliveries fan-out started, by

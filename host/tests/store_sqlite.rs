@@ -1,0 +1,176 @@
+//! SQLite-only behaviour: fan-out's cursor (migration 0005). SQLite has one writer, so
+//! events commit in id order and fan-out remembers the last one it read instead of
+//! marking each event; these tests hold it to never losing an event that way.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use herald::store::{self, EventHead, EventStore, FanOutRequest, NewEvent, OpenOptions, RoutePlan};
+use serde_json::json;
+use sqlx::migrate::Migrator;
+use sqlx::SqlitePool;
+
+fn orders_route(_: &EventHead) -> Vec<RoutePlan> {
+    vec![RoutePlan::ordered("orders")]
+}
+
+async fn open(path: &Path) -> Box<dyn EventStore> {
+    let store = store::open(
+        &format!("sqlite://{}", path.display()),
+        OpenOptions {
+            create_if_missing: true,
+        },
+    )
+    .await
+    .expect("open sqlite store");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+async fn raw(path: &Path) -> SqlitePool {
+    SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("raw pool")
+}
+
+fn order(n: u32) -> NewEvent {
+    NewEvent::new(
+        "order.created",
+        "order",
+        format!("o-{n}"),
+        json!({ "n": n }),
+    )
+}
+
+async fn delivered_event_ids(pool: &SqlitePool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT event_id FROM herald_deliveries ORDER BY event_id")
+        .fetch_all(pool)
+        .await
+        .expect("deliveries")
+}
+
+/// An id set by hand at or below what fan-out has read would never be fanned out: the
+/// producer's insert fails and says why, instead of the event waiting forever.
+#[tokio::test]
+async fn an_event_written_below_the_fan_out_cursor_is_refused_not_lost() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let store = open(&path).await;
+    for n in 1..=3 {
+        store.append(&order(n)).await.expect("append");
+    }
+    let report = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.routed, 3);
+
+    let pool = raw(&path).await;
+    sqlx::query("DELETE FROM events WHERE event_id = 2")
+        .execute(&pool)
+        .await
+        .expect("retention deletes an event");
+    let insert = "INSERT INTO events (event_id, event_type, entity_type, entity_id, event_data) \
+                  VALUES ($1, 'order.created', 'order', 'by-hand', '{}')";
+    let err = sqlx::query(insert)
+        .bind(2_i64)
+        .execute(&pool)
+        .await
+        .expect_err("an id below the cursor is refused");
+    assert!(
+        err.to_string()
+            .contains("at or below the last event Herald has fanned out"),
+        "{err}"
+    );
+
+    sqlx::query(insert)
+        .bind(10_i64)
+        .execute(&pool)
+        .await
+        .expect("an id above the cursor is taken");
+    let report = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.routed, 1);
+    assert_eq!(delivered_event_ids(&pool).await, vec![1, 3, 10]);
+}
+
+/// Fan-out passes over an event that is not READY when it gets there (a producer may
+/// write one already settled) and goes on to the events after it.
+#[tokio::test]
+async fn an_event_that_is_not_ready_does_not_hold_fan_out_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let store = open(&path).await;
+    let pool = raw(&path).await;
+    sqlx::query(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data, event_status) \
+         VALUES ('order.created', 'order', 'o-0', '{}', 'SKIPPED')",
+    )
+    .execute(&pool)
+    .await
+    .expect("a settled event");
+    let ready = store.append(&order(1)).await.expect("append");
+
+    let report = store
+        .fan_out(&FanOutRequest::new(1), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(
+        report.events(),
+        0,
+        "the first pass reads only the SKIPPED one"
+    );
+    let report = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.routed, 1);
+    assert_eq!(delivered_event_ids(&pool).await, vec![ready]);
+    let again = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(again.events(), 0, "nothing is read twice");
+}
+
+/// A store made before the cursor goes on from the last event fan-out had marked: the
+/// marked events are not fanned out again, the unmarked ones are.
+#[tokio::test]
+async fn upgrading_to_the_cursor_keeps_what_fan_out_had_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let pool = SqlitePool::connect(&url).await.expect("new file");
+    let mut before_cursor =
+        Migrator::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"))
+            .await
+            .expect("migrations");
+    let upto = before_cursor
+        .migrations
+        .iter()
+        .position(|m| m.version == 5)
+        .expect("migration 0005");
+    before_cursor.migrations = Cow::Owned(before_cursor.migrations[..upto].to_vec());
+    before_cursor.run(&pool).await.expect("migrations 1-4");
+    sqlx::query(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data, fanned_out) \
+         VALUES ('order.created', 'order', 'o-1', '{}', 1), \
+                ('order.created', 'order', 'o-2', '{}', 1), \
+                ('order.created', 'order', 'o-3', '{}', 0), \
+                ('order.created', 'order', 'o-4', '{}', 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("events of the old schema");
+    pool.close().await;
+
+    let store = open(&path).await;
+    let report = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.routed, 2);
+    assert_eq!(delivered_event_ids(&raw(&path).await).await, vec![3, 4]);
+}
