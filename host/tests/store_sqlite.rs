@@ -1,11 +1,16 @@
-//! SQLite-only behaviour: fan-out's cursor (migration 0005). SQLite has one writer, so
-//! events commit in id order and fan-out remembers the last one it read instead of
-//! marking each event; these tests hold it to never losing an event that way.
+//! SQLite-only behaviour: fan-out's cursor (migration 0005), and the indexes a delivery
+//! writes (migration 0006). SQLite has one writer, so events commit in id order and
+//! fan-out remembers the last one it read instead of marking each event; these tests hold
+//! it to never losing an event that way.
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::time::Duration;
 
-use herald::store::{self, EventHead, EventStore, FanOutRequest, NewEvent, OpenOptions, RoutePlan};
+use herald::store::{
+    self, ClaimRequest, Completion, DeliveryFilter, DeliveryStatus, EventHead, EventStore,
+    FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
+};
 use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::SqlitePool;
@@ -173,4 +178,87 @@ async fn upgrading_to_the_cursor_keeps_what_fan_out_had_read() {
         .expect("fan out");
     assert_eq!(report.routed, 2);
     assert_eq!(delivered_event_ids(&raw(&path).await).await, vec![3, 4]);
+}
+
+/// A delivery that succeeds writes index entries only where the drain needs them
+/// (migration 0006): besides the keys, every index of the deliveries holds open, retrying
+/// or dead ones only, and no index of the attempts names the event. What operators read
+/// is still there: an event's attempts, through its deliveries, and the dead letters.
+#[tokio::test]
+async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let store = open(&path).await;
+    let pool = raw(&path).await;
+    let unconditional: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pragma_index_list('herald_deliveries') \
+         WHERE \"unique\" = 0 AND partial = 0 ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("indexes of the deliveries");
+    assert_eq!(
+        unconditional,
+        Vec::<String>::new(),
+        "indexes every delivered delivery writes into"
+    );
+    let naming_the_event: Vec<String> = sqlx::query_scalar(
+        "SELECT l.name FROM pragma_index_list('herald_attempts') AS l, \
+           pragma_index_info(l.name) AS i WHERE i.name = 'event_id'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("indexes of the attempts");
+    assert_eq!(naming_the_event, Vec::<String>::new());
+
+    let delivered = store.append(&order(1)).await.expect("append");
+    let dead = store.append(&order(2)).await.expect("append");
+    store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    let claimed = store
+        .claim(&ClaimRequest {
+            owner: "operator-test".into(),
+            limit: 10,
+            lease: Duration::from_secs(60),
+            paused_routes: Vec::new(),
+        })
+        .await
+        .expect("claim");
+    let completions: Vec<Completion> = claimed
+        .iter()
+        .map(|c| {
+            let outcome = if c.event.event_id == dead {
+                Outcome::Dead {
+                    reason: "refused".into(),
+                }
+            } else {
+                Outcome::delivered()
+            };
+            Completion::for_claim(c, "operator-test", outcome)
+        })
+        .collect();
+    store.complete(&completions).await.expect("complete");
+
+    let detail = store
+        .event_detail(delivered)
+        .await
+        .expect("event detail")
+        .expect("the event exists");
+    assert_eq!(
+        detail.attempts.len(),
+        1,
+        "the event's attempt, through its delivery"
+    );
+    let letters = store
+        .list_deliveries(&DeliveryFilter {
+            status: Some(DeliveryStatus::Dead),
+            route: None,
+            limit: 10,
+        })
+        .await
+        .expect("dead letters");
+    let dead_events: Vec<i64> = letters.iter().map(|d| d.event_id).collect();
+    assert_eq!(dead_events, vec![dead]);
 }

@@ -51,7 +51,9 @@ pub(crate) fn push_delivery_filter<'a, DB>(
 {
     query.push(" WHERE TRUE");
     if let Some(status) = filter.status {
-        query.push(" AND status = ").push_bind(status.as_str());
+        // A literal (one of the statuses' fixed names), not a parameter: SQLite reads the
+        // index of dead letters or of retries only for a query that names its status.
+        query.push(format_args!(" AND status = '{}'", status.as_str()));
     }
     if let Some(route) = &filter.route {
         query.push(" AND route = ").push_bind(route.clone());

@@ -614,13 +614,21 @@ impl EventStore for SqliteStore {
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         let (_turn, mut tx) = self.begin_write().await?;
+        // Read first, then lease what was read: in this write transaction nothing else
+        // changes the rows between the two, and the lease returns no rows (each row a
+        // statement returns is a hand-off from SQLite's thread). Both statements keep one
+        // text, so each is prepared once per connection.
         // The due index gives the claim order directly; left to itself SQLite picks the
         // status index and sorts every open delivery on each claim.
-        let claimed: Vec<(i64,)> = sqlx::query_as(&format!(
-            "UPDATE herald_deliveries SET locked_by = $1, \
-             locked_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2), \
-             attempts = attempts + 1, updated_at = {SQLITE_NOW} \
-             WHERE delivery_id IN (\
+        let rows = sqlx::query(&format!(
+            "SELECT d.delivery_id, d.route, d.attempts + 1 AS attempts, d.idempotency_key, \
+             {COMPLETED_KEY_COLUMNS}, \
+             e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
+             e.event_data, e.event_status, e.status_reason, e.idempotency_key AS producer_key, \
+             e.headers, e.created_at \
+             FROM herald_deliveries d JOIN events e ON e.event_id = d.event_id \
+             {COMPLETED_KEY_JOINS} \
+             WHERE d.delivery_id IN (\
                SELECT d.delivery_id FROM herald_deliveries d INDEXED BY herald_deliveries_due \
                WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= {SQLITE_NOW} \
                  AND (d.locked_until IS NULL OR d.locked_until <= {SQLITE_NOW}) \
@@ -628,43 +636,36 @@ impl EventStore for SqliteStore {
                    SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
                    AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
                    AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
-                 AND d.route NOT IN (SELECT value FROM json_each($4)) \
-               ORDER BY d.next_attempt_at, d.delivery_id LIMIT $3) \
-             RETURNING delivery_id"
+                 AND d.route NOT IN (SELECT value FROM json_each($1)) \
+               ORDER BY d.next_attempt_at, d.delivery_id LIMIT $2) \
+             ORDER BY d.next_attempt_at, d.delivery_id"
         ))
-        .bind(&request.owner)
-        .bind(sqlite_offset(request.lease))
-        .bind(i64::from(request.limit))
         .bind(serde_json::Value::from(request.paused_routes.clone()).to_string())
+        .bind(i64::from(request.limit))
         .fetch_all(&mut *tx)
         .await
         .doing("claiming deliveries")?;
-        if claimed.is_empty() {
-            tx.commit().await.doing("committing a claim")?;
-            return Ok(Vec::new());
-        }
-        let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
-             {COMPLETED_KEY_COLUMNS}, \
-             e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
-             e.event_data, e.event_status, e.status_reason, e.idempotency_key AS producer_key, \
-             e.headers, e.created_at \
-             FROM herald_deliveries d JOIN events e ON e.event_id = d.event_id \
-             {COMPLETED_KEY_JOINS} \
-             WHERE d.delivery_id IN ("
-        ));
-        let mut ids = query.separated(", ");
-        for (id,) in &claimed {
-            ids.push_bind(*id);
-        }
-        query.push(") ORDER BY d.next_attempt_at, d.delivery_id");
-        let rows = query
-            .build()
-            .fetch_all(&mut *tx)
+        let claimed = rows
+            .iter()
+            .map(rows::claimed)
+            .collect::<StoreResult<Vec<_>>>()?;
+        if !claimed.is_empty() {
+            let ids: Vec<i64> = claimed.iter().map(|c| c.delivery_id).collect();
+            sqlx::query(&format!(
+                "UPDATE herald_deliveries SET locked_by = $1, \
+                 locked_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2), \
+                 attempts = attempts + 1, updated_at = {SQLITE_NOW} \
+                 WHERE delivery_id IN (SELECT value FROM json_each($3))"
+            ))
+            .bind(&request.owner)
+            .bind(sqlite_offset(request.lease))
+            .bind(serde_json::Value::from(ids).to_string())
+            .execute(&mut *tx)
             .await
-            .doing("reading claimed deliveries")?;
+            .doing("leasing claimed deliveries")?;
+        }
         tx.commit().await.doing("committing a claim")?;
-        rows.iter().map(rows::claimed).collect()
+        Ok(claimed)
     }
 
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
@@ -841,7 +842,12 @@ impl EventStore for SqliteStore {
                 .await
                 .doing("reading an event's deliveries")?;
         let attempts =
-            sqlx::query("SELECT * FROM herald_attempts WHERE event_id = $1 ORDER BY attempt_id")
+            // Through the deliveries: no index of the attempts names the event (migration 0006).
+            sqlx::query(
+                "SELECT * FROM herald_attempts WHERE delivery_id IN (\
+                   SELECT delivery_id FROM herald_deliveries WHERE event_id = $1) \
+                 ORDER BY attempt_id",
+            )
                 .bind(event_id)
                 .fetch_all(&self.pool)
                 .await
