@@ -46,7 +46,6 @@ pub(crate) fn push_delivery_filter<'a, DB>(
 ) where
     DB: Database,
     String: Encode<'a, DB> + Type<DB>,
-    &'static str: Encode<'a, DB> + Type<DB>,
     i64: Encode<'a, DB> + Type<DB>,
 {
     query.push(" WHERE TRUE");

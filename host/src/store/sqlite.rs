@@ -659,7 +659,7 @@ impl EventStore for SqliteStore {
             ))
             .bind(&request.owner)
             .bind(sqlite_offset(request.lease))
-            .bind(serde_json::Value::from(ids).to_string())
+            .bind(id_list(&ids))
             .execute(&mut *tx)
             .await
             .doing("leasing claimed deliveries")?;
