@@ -91,6 +91,23 @@ impl Db {
         value.with_context(|| format!("running `{sql}`"))
     }
 
+    /// Attempts the store has numbered so far: the attempts log's id counter, read in
+    /// constant time (a count would walk the log, or the backlog, that a drain is
+    /// writing).
+    pub async fn attempts_numbered(&self) -> anyhow::Result<i64> {
+        self.scalar(match self {
+            Db::Sqlite(_) => {
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence \
+                   WHERE name = 'herald_attempts'), 0)"
+            }
+            Db::Postgres(_) => {
+                "SELECT coalesce(pg_sequence_last_value(\
+                   pg_get_serial_sequence('herald_attempts', 'attempt_id')), 0)"
+            }
+        })
+        .await
+    }
+
     /// Events still READY.
     pub async fn ready_events(&self) -> anyhow::Result<i64> {
         self.scalar(&self.ready_events_sql("")).await

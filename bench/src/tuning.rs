@@ -37,9 +37,7 @@ pub const CEILING_BATCH: i64 = 100;
 /// Concurrent ceiling relays (connections).
 pub const CEILING_RELAYS: usize = 2;
 
-/// Drain progress is sampled this often (a count over the READY events, which costs the
-/// database a walk over what is left: every 200 ms it took 6 % of Postgres's time during
-/// a drain).
+/// Drain progress is sampled this often (one read of a counter; see `DrainWatch`).
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The shortest pause of a loop that times a drain by watching the database.

@@ -974,12 +974,7 @@ async fn concurrent_batches_on_the_same_events_both_count(f: &Fixture) {
     let events: Vec<NewEvent> = (0..50)
         .map(|n| NewEvent::new("payment.captured", "payment", format!("P{n}"), json!({})))
         .collect();
-    let ids = f.store.append_batch(&events).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
-    let batch = claim(f, "alpha", 100).await;
+    let (ids, batch) = append_and_claim(f, &events).await;
     let (mut ledger, mut audit): (Vec<_>, Vec<_>) =
         batch.iter().partition(|claimed| claimed.route == "ledger");
     // Opposite orders, the classic deadlock shape.
@@ -995,9 +990,58 @@ async fn concurrent_batches_on_the_same_events_both_count(f: &Fixture) {
     let (first, second) = tokio::join!(f.store.complete(&ledger), f.store.complete(&audit));
     first.expect("ledger batch");
     second.expect("audit batch");
+    assert_all_succeeded(f, &ids).await;
+}
+
+/// Append `events`, fan them out and claim every delivery as `alpha`.
+async fn append_and_claim(
+    f: &Fixture,
+    events: &[NewEvent],
+) -> (Vec<i64>, Vec<store::ClaimedDelivery>) {
+    let ids = f.store.append_batch(events).await.expect("append");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
+    (ids, claim(f, "alpha", 100).await)
+}
+
+async fn assert_all_succeeded(f: &Fixture, ids: &[i64]) {
     for id in ids {
-        assert_eq!(status_of(f, id).await.0, EventStatus::Success, "event {id}");
+        assert_eq!(
+            status_of(f, *id).await.0,
+            EventStatus::Success,
+            "event {id}"
+        );
     }
+}
+
+/// The same outcomes written twice at once, in opposite orders, as a retried outcome
+/// write can be while the first is still in flight: each outcome is recorded once, by
+/// one of the two (the other finds the lease gone once the first commits), and neither
+/// write fails on a deadlock. The events, each settled by whichever write closed its
+/// delivery, end SUCCESS.
+async fn the_same_outcomes_recorded_twice_at_once_neither_deadlocks(f: &Fixture) {
+    let events: Vec<NewEvent> = (0..50).map(|n| order(&format!("T{n}"), n)).collect();
+    let (ids, batch) = append_and_claim(f, &events).await;
+    assert_eq!(batch.len(), 50);
+    let forward: Vec<Completion> = batch
+        .iter()
+        .map(|c| Completion::for_claim(c, "alpha", Outcome::delivered()))
+        .collect();
+    let backward: Vec<Completion> = forward.iter().rev().cloned().collect();
+    let (first, second) = tokio::join!(f.store.complete(&forward), f.store.complete(&backward));
+    let committed = |results: Vec<CompletionResult>| {
+        results
+            .iter()
+            .filter(|r| matches!(r, CompletionResult::Committed { .. }))
+            .count()
+    };
+    let recorded =
+        committed(first.expect("first write")) + committed(second.expect("second write"));
+    assert_eq!(recorded, 50, "each outcome recorded exactly once");
+    assert_eq!(f.count("SELECT count(*) FROM herald_attempts").await, 50);
+    assert_all_succeeded(f, &ids).await;
 }
 
 /// Repeated producer keys inside one fan-out batch: the first event is delivered, the
@@ -1779,6 +1823,7 @@ on_both_backends!(
     migrate_is_idempotent_and_schema_checks_pass,
     a_batch_of_mixed_outcomes_settles_each_event,
     concurrent_batches_on_the_same_events_both_count,
+    the_same_outcomes_recorded_twice_at_once_neither_deadlocks,
     repeated_keys_within_one_fan_out_batch,
     a_quarantined_plugins_routes_are_left_unclaimed,
     hostile_rows_settle_one_by_one_and_the_rest_flows,

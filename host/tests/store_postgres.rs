@@ -387,6 +387,24 @@ async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
     .await
     .expect("indexes of the attempts");
     assert_eq!(naming_the_event, Vec::<String>::new());
+    let attempt_indexes: Vec<(bool, Vec<String>)> = sqlx::query_as(
+        "SELECT i.indisprimary, array_agg(a.attname::text ORDER BY k.n) FROM pg_index i \
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         WHERE i.indrelid = 'herald_attempts'::regclass \
+         GROUP BY i.indexrelid, i.indisprimary",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("indexes of the attempts");
+    assert_eq!(
+        attempt_indexes,
+        vec![(
+            true,
+            vec!["delivery_id".to_string(), "attempt_id".to_string()]
+        )],
+        "every attempt row writes into one index, keyed by its delivery"
+    );
 
     sqlx::raw_sql(
         "INSERT INTO events (event_type, entity_type, entity_id, event_data) \

@@ -131,7 +131,8 @@ async fn drain(
         env.db.clone(),
         n,
         &format!("drain {} {}", env.backend.name(), plugin.name()),
-    );
+    )
+    .await;
     let started = Instant::now();
     let drained = tokio::time::timeout(bound, service.dispatcher.drain()).await;
     let elapsed = started.elapsed();
