@@ -581,8 +581,9 @@ async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
     }
     assert_eq!(f.count("SELECT count(*) FROM herald_idempotency").await, 1);
 
-    // A replay re-opens the deliveries; the effects are still known to have happened.
-    f.exec("UPDATE herald_deliveries SET status = 'PENDING'")
+    // A replay re-opens the deliveries, even with a fresh attempt count; the effects are
+    // still known to have happened.
+    f.exec("UPDATE herald_deliveries SET status = 'PENDING', attempts = 0")
         .await;
     let again = claim(f, "beta", 10).await;
     assert_eq!(again.len(), 2);

@@ -36,13 +36,11 @@ use super::{
 
 /// The joins [`COMPLETED_KEY_COLUMNS`] reads. SQLite runs a join as nested loops, so each
 /// is one look-up per claimed delivery: the ledger's key, and the attempt by its rowid.
-/// A delivery never attempted before has no attempt to find, so the attempts log is read
-/// only for one claimed before (see Postgres's `CLAIM_COMPLETED_KEYS`).
 const COMPLETED_KEY_JOINS: &str = " \
      LEFT JOIN herald_idempotency i ON i.route = d.route \
        AND i.idempotency_key = d.idempotency_key \
      LEFT JOIN herald_attempts a ON a.attempt_id = (SELECT min(x.attempt_id) \
-       FROM herald_attempts x WHERE d.attempts > 0 AND x.delivery_id = d.delivery_id \
+       FROM herald_attempts x WHERE x.delivery_id = d.delivery_id \
          AND x.outcome IN ('DELIVERED', 'SKIPPED'))";
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");

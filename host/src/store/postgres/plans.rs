@@ -156,20 +156,21 @@ pub const EVENT_ATTEMPTS: &str = "SELECT * FROM herald_attempts WHERE delivery_i
 /// by hashing the whole log: on a log of 30,000 attempts that was 7 ms of a 12 ms claim
 /// of 356 deliveries, and it grows with the log (the ledger's join could do the same).
 ///
-/// The attempts log is read only for a delivery claimed before (`attempts`, here after
-/// this claim's increment, above 1): one never attempted has no attempt to find, and in
-/// a drain that is nearly every delivery. Planned per run, the look-up was a bitmap scan
-/// and a sort per delivery: 6 ms of a 17.5 ms claim of 500 (`auto_explain` with timing).
-/// An operator's re-open keeps the count; Herald zeroes it only when it redrives a dead
-/// delivery, which has no completed attempt (a delivery found completed is recorded
-/// delivered, never dead).
+/// The attempts log is read only for a delivery that was claimed or closed before
+/// (`attempted`, from [`CLAIM_DELIVERIES`]): one that never was has no attempt to find,
+/// and in a drain that is nearly every delivery. Planned per run, the look-up was a
+/// bitmap scan and a sort per delivery: 6 ms of a 17.5 ms claim of 500 (`auto_explain`
+/// with timing). A delivery is new while it has no attempt counted and its `updated_at`
+/// is still its `created_at` (both the fan-out transaction's `now()`): a claim and a
+/// close each set `updated_at` in a later transaction, so a re-open by hand that also
+/// zeroes the count is still read.
 const CLAIM_COMPLETED_KEYS: &str = " \
      LEFT JOIN LATERAL (SELECT l.outcome, l.event_id, l.detail, l.completed_at \
        FROM herald_idempotency l \
        WHERE l.route = d.route AND l.idempotency_key = d.idempotency_key LIMIT 1) i ON TRUE \
      LEFT JOIN LATERAL (SELECT x.outcome, x.event_id, x.detail, x.recorded_at \
        FROM herald_attempts x \
-       WHERE d.attempts > 1 AND x.delivery_id = d.delivery_id \
+       WHERE d.attempted AND x.delivery_id = d.delivery_id \
          AND x.outcome IN ('DELIVERED', 'SKIPPED') \
        ORDER BY x.attempt_id LIMIT 1) a ON TRUE";
 
@@ -179,7 +180,8 @@ const CLAIM_COMPLETED_KEYS: &str = " \
 pub static CLAIM_DELIVERIES: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH picked AS (\
-           SELECT d.delivery_id FROM herald_deliveries d \
+           SELECT d.delivery_id, d.attempts > 0 OR d.updated_at <> d.created_at AS attempted \
+           FROM herald_deliveries d \
            WHERE d.status IN ('PENDING', 'RETRY') AND d.next_attempt_at <= now() \
              AND (d.locked_until IS NULL OR d.locked_until <= now()) \
              AND (NOT d.ordered OR NOT EXISTS (\
@@ -195,7 +197,7 @@ pub static CLAIM_DELIVERIES: LazyLock<String> = LazyLock::new(|| {
              attempts = d.attempts + 1, updated_at = now() \
            FROM picked WHERE d.delivery_id = picked.delivery_id \
            RETURNING d.delivery_id, d.event_id, d.route, d.attempts, d.idempotency_key, \
-             d.next_attempt_at) \
+             d.next_attempt_at, picked.attempted) \
          SELECT d.delivery_id, d.route, d.attempts, d.idempotency_key, \
            {COMPLETED_KEY_COLUMNS}, \
            e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
