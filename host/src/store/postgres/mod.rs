@@ -270,6 +270,15 @@ async fn apply_settlements(conn: &mut PgConnection, settlements: &[Settlement]) 
     Ok(())
 }
 
+/// Every delivery of these events, in event and delivery order.
+async fn events_deliveries(conn: &mut PgConnection, event_ids: &[i64]) -> StoreResult<Vec<PgRow>> {
+    sqlx::query(EVENTS_DELIVERIES)
+        .bind(event_ids)
+        .fetch_all(conn)
+        .await
+        .doing("reading events' deliveries")
+}
+
 /// Settle the events of the deliveries this transaction has just closed.
 ///
 /// An event all of whose deliveries were closed here needs no lock of its own: this
@@ -287,11 +296,7 @@ async fn settle_closed(conn: &mut PgConnection, recorded: &[Recorded]) -> StoreR
         return Ok(());
     }
     let closed_here: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
-    let rows = sqlx::query(EVENTS_DELIVERIES)
-        .bind(&event_ids)
-        .fetch_all(&mut *conn)
-        .await
-        .doing("reading events' deliveries")?;
+    let rows = events_deliveries(&mut *conn, &event_ids).await?;
     let mut shared: HashSet<i64> = HashSet::new();
     let mut states = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -321,11 +326,7 @@ async fn resettle_events(conn: &mut PgConnection, mut event_ids: Vec<i64>) -> St
         .execute(&mut *conn)
         .await
         .doing("locking events to settle")?;
-    let rows = sqlx::query(EVENTS_DELIVERIES)
-        .bind(&event_ids)
-        .fetch_all(&mut *conn)
-        .await
-        .doing("reading events' deliveries")?;
+    let rows = events_deliveries(&mut *conn, &event_ids).await?;
     let states = rows
         .iter()
         .map(rows::delivery_state)
