@@ -34,6 +34,9 @@ enum BackendArg {
     after_long_help = "\
 Scenarios:
   ceiling   raw SQL relay without Herald on the same database (claim 100, mark done, commit)
+  ledger-ceiling
+            the same keeping a ledger under a lease: lease 100, commit; settle them, insert
+            a delivery and an attempt each, commit (the most any such relay can do here)
   noop      drain N preloaded events through the no-op plugin, with peak RSS
   webhook   the same through the webhook plugin to a loopback HTTP sink
   latency   created -> delivered at a steady 1,000 events/s while Herald runs
@@ -132,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         sizes,
         plugins,
         ceiling: Default::default(),
+        ledger_ceiling: Default::default(),
         failures: 0,
     };
     for scenario in selected {

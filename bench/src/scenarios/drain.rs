@@ -55,6 +55,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend], plugin: Plugin) -> Table
         "seconds",
         "events/s",
         "vs ceiling",
+        "vs ledger ceiling",
         "peak RSS MiB",
     ];
     if plugin == Plugin::Webhook {
@@ -79,16 +80,18 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend], plugin: Plugin) -> Table
         match measured {
             Ok(drained) => {
                 let per_sec = n as f64 / drained.elapsed.as_secs_f64();
-                let versus = ctx
-                    .ceiling
-                    .get(&backend)
-                    .map_or("-".to_string(), |ceiling| ratio(per_sec / ceiling));
+                let versus = |ceilings: &std::collections::HashMap<Backend, f64>| {
+                    ceilings
+                        .get(&backend)
+                        .map_or("-".to_string(), |ceiling| ratio(per_sec / ceiling))
+                };
                 let mut row = vec![
                     backend.name().to_string(),
                     count(n),
                     secs(drained.elapsed),
                     rate(per_sec),
-                    versus,
+                    versus(&ctx.ceiling),
+                    versus(&ctx.ledger_ceiling),
                     drained
                         .peak_mib
                         .map_or("n/a".to_string(), |mib| format!("{mib:.0}")),
@@ -101,8 +104,10 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend], plugin: Plugin) -> Table
             Err(err) => ctx.fail(&mut table, backend.name(), &err),
         }
     }
-    if ctx.ceiling.is_empty() {
-        table.note("(vs ceiling: run the ceiling scenario in the same run for the ratio)");
+    if ctx.ceiling.is_empty() || ctx.ledger_ceiling.is_empty() {
+        table.note(
+            "(vs ceiling, vs ledger ceiling: run those scenarios in the same run for the ratios)",
+        );
     }
     table
 }

@@ -6,6 +6,7 @@ mod ceiling;
 mod drain;
 mod hotswap;
 mod latency;
+mod ledger_ceiling;
 mod neighbour;
 mod overhead;
 
@@ -21,6 +22,7 @@ use crate::tuning::Sizes;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
 pub enum Scenario {
     Ceiling,
+    LedgerCeiling,
     Noop,
     Webhook,
     Latency,
@@ -30,8 +32,9 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Ceiling,
+        Scenario::LedgerCeiling,
         Scenario::Noop,
         Scenario::Webhook,
         Scenario::Latency,
@@ -49,6 +52,8 @@ pub struct Ctx {
     pub plugins: PathBuf,
     /// Rows/s of the ceiling relay per backend, for the drains' ratio.
     pub ceiling: HashMap<Backend, f64>,
+    /// Rows/s of the ledger ceiling's relay per backend, for the drains' second ratio.
+    pub ledger_ceiling: HashMap<Backend, f64>,
     pub failures: usize,
 }
 
@@ -64,6 +69,7 @@ impl Ctx {
 pub async fn run(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Table {
     match scenario {
         Scenario::Ceiling => ceiling::table(ctx, backends).await,
+        Scenario::LedgerCeiling => ledger_ceiling::table(ctx, backends).await,
         Scenario::Noop => drain::table(ctx, backends, drain::Plugin::Noop).await,
         Scenario::Webhook => drain::table(ctx, backends, drain::Plugin::Webhook).await,
         Scenario::Latency => latency::table(ctx, backends).await,
