@@ -35,8 +35,8 @@ enum BackendArg {
 Scenarios:
   ceiling   raw SQL relay without Herald on the same database (claim 100, mark done, commit)
   ledger-ceiling
-            the same keeping a ledger under a lease: lease 100, commit; settle them, insert
-            a delivery and an attempt each, commit (the most any such relay can do here)
+            the same keeping a ledger under a lease: each transaction settles the 100
+            rows leased before, with a delivery and an attempt each, and leases 100 more
   noop      drain N preloaded events through the no-op plugin, with peak RSS
   webhook   the same through the webhook plugin to a loopback HTTP sink
   latency   created -> delivered at a steady 1,000 events/s while Herald runs

@@ -1,8 +1,9 @@
 //! Scenario 1b, ledger ceiling: the raw SQL of a relay that keeps the ledger the drain's
 //! target asks for, without Herald. It is the fastest any relay can be that leases its
 //! rows (a claim is a lease, never a transaction held while the effect runs) and records
-//! each outcome with a delivery row and an attempt row: per batch of 100, one transaction
-//! leases the rows, a second records them delivered. Nothing else: no routing, no
+//! each outcome with a delivery row and an attempt row: each transaction records the batch
+//! the one before leased (its events SUCCESS, a closed delivery and an attempt for each)
+//! and leases the next 100, so a batch costs one commit. Nothing else: no routing, no
 //! per-entity order, no idempotency look-up, no plugin, one route. A drain's ratio to it
 //! is what Herald's own work costs; its ratio to the bare ceiling is what the ledger and
 //! the lease cost on this database.
@@ -131,11 +132,11 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
     );
     table.note(
         "The ceiling's table with a lease (`locked_by`, `locked_until`), and a deliveries \
-         table and an attempts log keyed as Herald's. Per batch, two transactions: lease the \
-         next READY rows no lease holds (Postgres: `FOR UPDATE SKIP LOCKED`); then, where \
-         the lease still holds, set them SUCCESS and insert a closed delivery and its \
-         attempt for each. No routing, order, idempotency look-up or plugin: the most a \
-         relay keeping this ledger can do here.",
+         table and an attempts log keyed as Herald's. Each transaction records the batch \
+         leased by the one before (where the lease still holds: SUCCESS, and a closed \
+         delivery and its attempt for each) and leases the next 100 rows no lease holds \
+         (Postgres: `FOR UPDATE SKIP LOCKED`). No routing, order, idempotency look-up or \
+         plugin: the most a relay keeping this ledger can do here.",
     );
     for &backend in backends {
         match with_env(backend, "ledger_ceiling", async |env: &Env| {
@@ -199,46 +200,48 @@ async fn relay(env: &Env, n: u64) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-/// Lease, commit, record, commit; until nothing is left to lease.
+/// Per transaction: record the batch leased before, lease the next one, commit; until
+/// nothing is left to lease.
 async fn pg_relay(pool: PgPool, owner: String) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await.context("a relay connection")?;
     let mut relayed = 0u64;
+    let mut held: Vec<i64> = Vec::new();
     loop {
         let mut tx = conn.begin().await?;
+        if !held.is_empty() {
+            let recorded = sqlx::query(PG_RECORD)
+                .bind(&held)
+                .bind(&owner)
+                .bind(PLUGIN_VERSION)
+                .execute(&mut *tx)
+                .await
+                .context("recording")?
+                .rows_affected();
+            if recorded != held.len() as u64 {
+                bail!(
+                    "{owner} recorded {recorded} of the {} rows it leased",
+                    held.len()
+                );
+            }
+        }
         let rows: Vec<Row> = sqlx::query_as(PG_LEASE)
             .bind(CEILING_BATCH)
             .bind(&owner)
             .fetch_all(&mut *tx)
             .await
             .context("leasing")?;
-        tx.commit().await.context("committing the lease")?;
+        tx.commit().await.context("committing")?;
+        relayed += held.len() as u64;
         if rows.is_empty() {
             return Ok(relayed);
         }
-        let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
-        let mut tx = conn.begin().await?;
-        let recorded = sqlx::query(PG_RECORD)
-            .bind(&ids)
-            .bind(&owner)
-            .bind(PLUGIN_VERSION)
-            .execute(&mut *tx)
-            .await
-            .context("recording")?
-            .rows_affected();
-        tx.commit().await.context("committing the record")?;
-        if recorded != ids.len() as u64 {
-            bail!(
-                "{owner} recorded {recorded} of the {} rows it leased",
-                ids.len()
-            );
-        }
-        relayed += recorded;
+        held = rows.iter().map(|row| row.0).collect();
         black_box(rows);
     }
 }
 
-/// `BEGIN IMMEDIATE`, lease with `UPDATE … RETURNING`, commit; `BEGIN IMMEDIATE`, the
-/// record's three statements, commit.
+/// As [`pg_relay`], each transaction begun with `BEGIN IMMEDIATE`; the batch held between
+/// two transactions is a JSON array of ids.
 async fn sqlite_relay(pool: SqlitePool, owner: String) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await.context("a relay connection")?;
     let lease = format!(
@@ -250,32 +253,30 @@ async fn sqlite_relay(pool: SqlitePool, owner: String) -> anyhow::Result<u64> {
          RETURNING event_id, event_type, entity_type, entity_id, event_data"
     );
     let mut relayed = 0u64;
+    let mut held: Vec<i64> = Vec::new();
     loop {
         let leased: Vec<Row> = in_write_transaction(&mut conn, async |conn| {
-            Ok(sqlx::query_as(&lease)
+            if !held.is_empty() {
+                let ids = held
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                sqlite_record(conn, &format!("[{ids}]"), &owner, held.len() as u64).await?;
+            }
+            sqlx::query_as(&lease)
                 .bind(CEILING_BATCH)
                 .bind(&owner)
                 .fetch_all(&mut *conn)
-                .await?)
+                .await
+                .context("leasing")
         })
-        .await
-        .context("leasing")?;
+        .await?;
+        relayed += held.len() as u64;
         if leased.is_empty() {
             return Ok(relayed);
         }
-        let ids = leased
-            .iter()
-            .map(|row| row.0.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let ids = format!("[{ids}]");
-        let leased_count = leased.len() as u64;
-        in_write_transaction(&mut conn, async |conn| {
-            sqlite_record(conn, &ids, &owner, leased_count).await
-        })
-        .await
-        .context("recording")?;
-        relayed += leased_count;
+        held = leased.iter().map(|row| row.0).collect();
         black_box(leased);
     }
 }
@@ -296,7 +297,8 @@ async fn sqlite_record(
     .bind(ids)
     .bind(owner)
     .execute(&mut *conn)
-    .await?
+    .await
+    .context("recording")?
     .rows_affected();
     if settled != leased {
         bail!("{owner} still held {settled} of the {leased} rows it leased");
