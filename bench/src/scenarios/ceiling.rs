@@ -1,6 +1,7 @@
 //! Scenario 1, ceiling: what a relay without Herald costs in raw SQL on the same
 //! database: claim 100 READY rows, mark them SUCCESS, commit, on two connections at once.
-//! Also the harness every raw SQL relay runs in (`ledger_ceiling` has the other).
+//! Also what both raw SQL relays share (the other is `ledger_ceiling`'s): the table,
+//! the harness that runs and checks them, the row they publish.
 
 use std::future::Future;
 use std::hint::black_box;
@@ -84,7 +85,7 @@ pub(super) async fn run_relays(
     n: u64,
     relay: Relay,
 ) -> anyhow::Result<Duration> {
-    let spinner = crate::progress::spinner(&format!("{table} {}", env.backend.name()));
+    let spinner = crate::progress::spinner(&format!("relay {table} {}", env.backend.name()));
     let started = Instant::now();
     let relays: Vec<_> = (0..CEILING_RELAYS)
         .map(|number| tokio::spawn(relay(env.db.clone(), number)))
@@ -109,7 +110,7 @@ pub(super) async fn run_relays(
 }
 
 /// A claimed row as a relay would publish it.
-type Row = (i64, String, String, String, Option<String>);
+pub(super) type Row = (i64, String, String, String, Option<String>);
 
 pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
     let n = ctx.sizes.events;

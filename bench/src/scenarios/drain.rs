@@ -2,6 +2,7 @@
 //! from its start until every event is SUCCESS; with the peak resident memory of the
 //! process during the drain (scenario 7).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -80,7 +81,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend], plugin: Plugin) -> Table
         match measured {
             Ok(drained) => {
                 let per_sec = n as f64 / drained.elapsed.as_secs_f64();
-                let versus = |ceilings: &std::collections::HashMap<Backend, f64>| {
+                let versus = |ceilings: &HashMap<Backend, f64>| {
                     ceilings
                         .get(&backend)
                         .map_or("-".to_string(), |ceiling| ratio(per_sec / ceiling))

@@ -16,7 +16,7 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
-use super::ceiling::{create_events_table, run_relays};
+use super::ceiling::{create_events_table, run_relays, Row};
 use super::{preload, with_env, Ctx};
 use crate::report::{count, rate, ratio, secs, Table};
 use crate::setup::{Backend, Db, Env};
@@ -117,9 +117,6 @@ const SQLITE_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
 /// A plugin version as long as the content hash Herald records.
 const PLUGIN_VERSION: &str =
     "sha256:5f1d7c0e9a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d";
-
-/// A leased row as a relay would publish it.
-type Row = (i64, String, String, String, Option<String>);
 
 pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
     let n = ctx.sizes.events;
@@ -240,8 +237,8 @@ async fn pg_relay(pool: PgPool, owner: String) -> anyhow::Result<u64> {
     }
 }
 
-/// As [`pg_relay`], each transaction begun with `BEGIN IMMEDIATE`; the batch held between
-/// two transactions is a JSON array of ids.
+/// As [`pg_relay`], each transaction begun with `BEGIN IMMEDIATE`, the held batch passed
+/// to the record as a JSON array of ids.
 async fn sqlite_relay(pool: SqlitePool, owner: String) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await.context("a relay connection")?;
     let lease = format!(
