@@ -1,7 +1,8 @@
 //! Scenario 1, ceiling: what a relay without Herald costs in raw SQL on the same
 //! database: claim 100 READY rows, mark them SUCCESS, commit, on two connections at once.
 //! Also what both raw SQL relays share (the other is `ledger_ceiling`'s): the table,
-//! the harness that runs and checks them, the row they publish.
+//! the harness that runs and checks them, the row they publish, SQLite's write
+//! transaction.
 
 use std::future::Future;
 use std::hint::black_box;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use sqlx::postgres::PgPool;
-use sqlx::sqlite::SqlitePool;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
 use super::{preload, with_env, Ctx};
@@ -197,34 +198,47 @@ async fn sqlite_relay(pool: SqlitePool) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await.context("a relay connection")?;
     let mut relayed = 0u64;
     loop {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *conn)
+        let rows: Vec<Row> = in_write_transaction(&mut conn, async |conn| {
+            sqlx::query_as(
+                "UPDATE bench_ceiling_events SET event_status = 'SUCCESS' WHERE event_id IN \
+                 (SELECT event_id FROM bench_ceiling_events WHERE event_status = 'READY' \
+                  ORDER BY event_id LIMIT ?1) \
+                 RETURNING event_id, event_type, entity_type, entity_id, event_data",
+            )
+            .bind(CEILING_BATCH)
+            .fetch_all(&mut *conn)
             .await
-            .context("BEGIN IMMEDIATE")?;
-        let claimed: Result<Vec<Row>, sqlx::Error> = sqlx::query_as(
-            "UPDATE bench_ceiling_events SET event_status = 'SUCCESS' WHERE event_id IN \
-             (SELECT event_id FROM bench_ceiling_events WHERE event_status = 'READY' \
-              ORDER BY event_id LIMIT ?1) \
-             RETURNING event_id, event_type, entity_type, entity_id, event_data",
-        )
-        .bind(CEILING_BATCH)
-        .fetch_all(&mut *conn)
-        .await;
-        let rows = match claimed {
-            Ok(rows) => rows,
-            Err(err) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                return Err(err).context("claiming");
-            }
-        };
-        sqlx::query("COMMIT")
-            .execute(&mut *conn)
-            .await
-            .context("COMMIT")?;
+            .context("claiming")
+        })
+        .await?;
         if rows.is_empty() {
             return Ok(relayed);
         }
         relayed += rows.len() as u64;
         black_box(rows);
+    }
+}
+
+/// Run `body` between `BEGIN IMMEDIATE` and `COMMIT`, rolling back if it fails.
+pub(super) async fn in_write_transaction<T>(
+    conn: &mut SqliteConnection,
+    body: impl AsyncFnOnce(&mut SqliteConnection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .context("BEGIN IMMEDIATE")?;
+    match body(&mut *conn).await {
+        Ok(value) => {
+            sqlx::query("COMMIT")
+                .execute(&mut *conn)
+                .await
+                .context("COMMIT")?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(err)
+        }
     }
 }

@@ -16,7 +16,7 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
-use super::ceiling::{create_events_table, run_relays, Row};
+use super::ceiling::{create_events_table, in_write_transaction, run_relays, Row};
 use super::{preload, with_env, Ctx};
 use crate::report::{count, rate, ratio, secs, Table};
 use crate::setup::{Backend, Db, Env};
@@ -320,28 +320,4 @@ async fn sqlite_record(
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// Run `body` between `BEGIN IMMEDIATE` and `COMMIT`, rolling back if it fails.
-async fn in_write_transaction<T>(
-    conn: &mut SqliteConnection,
-    body: impl AsyncFnOnce(&mut SqliteConnection) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .context("BEGIN IMMEDIATE")?;
-    match body(&mut *conn).await {
-        Ok(value) => {
-            sqlx::query("COMMIT")
-                .execute(&mut *conn)
-                .await
-                .context("COMMIT")?;
-            Ok(value)
-        }
-        Err(err) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(err)
-        }
-    }
 }
