@@ -38,6 +38,12 @@ impl Default for EngineSettings {
     }
 }
 
+/// Bytes of each freed linear memory reset in place rather than released: a plugin's
+/// stack and data, as a Rust component lays them out, fit.
+const KEEP_RESIDENT_MEMORY: usize = 1 << 20;
+/// The same for each freed table.
+const KEEP_RESIDENT_TABLE: usize = 128 << 10;
+
 pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine> {
     let instances = settings.max_instances.max(1);
     let mut pool = PoolingAllocationConfig::default();
@@ -49,6 +55,14 @@ pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine
         .total_tables(instances * 4)
         .total_stacks(instances)
         .max_memory_size(settings.max_memory);
+    // A freed slot is reset by writing its low pages back to their initial contents
+    // (only the pages the instance touched, where the kernel can say which) instead of
+    // handing them back to the kernel: each `madvise` of a freed instance flushed the
+    // other core's TLB, and a fresh instance cost twice as much (BENCHMARKS.md). The
+    // reset is the same either way: the next instance sees nothing of the last.
+    pool.linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
     config
         .wasm_component_model(true)

@@ -15,6 +15,12 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("cannot open store {url} for writing: {source}")]
+    OpenWriter {
+        url: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("cannot migrate store {url}: {source}")]
     Migrate {
         url: String,
@@ -28,6 +34,13 @@ pub enum StoreError {
         doing: &'static str,
         #[source]
         source: sqlx::Error,
+    },
+    /// On SQLite's dispatch connection (see `sqlite::writer`), which is not sqlx's.
+    #[error("store query failed while {doing}: {source}")]
+    Sqlite {
+        doing: &'static str,
+        #[source]
+        source: rusqlite::Error,
     },
     #[error("store holds a value herald cannot read: {0}")]
     Corrupt(String),
@@ -45,5 +58,11 @@ pub(crate) trait QueryContext<T> {
 impl<T> QueryContext<T> for Result<T, sqlx::Error> {
     fn doing(self, doing: &'static str) -> StoreResult<T> {
         self.map_err(|source| StoreError::Query { doing, source })
+    }
+}
+
+impl<T> QueryContext<T> for Result<T, rusqlite::Error> {
+    fn doing(self, doing: &'static str) -> StoreResult<T> {
+        self.map_err(|source| StoreError::Sqlite { doing, source })
     }
 }

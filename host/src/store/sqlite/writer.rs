@@ -1,0 +1,637 @@
+//! The dispatch path's writes on SQLite (fan-out, claims, outcomes, appends, redrives),
+//! on one connection of their own, each transaction run as one synchronous call.
+//!
+//! Why not through sqlx: sqlx runs a SQLite connection on a worker thread of its own,
+//! and every statement and every row it returns crosses between that thread and the
+//! calling task. These transactions are chains of statements, each waiting for the one
+//! before, so the chain spent most of its time in those hand-offs (thread scheduling was
+//! a third of the drain's profile, SQLite's own work 6 %). Called in-process, a
+//! statement costs a few microseconds, so the statements here are small, prepared once
+//! per connection, and run once per row instead of once per batch through JSON. The
+//! no-op drain gained 13 % (BENCHMARKS.md, seventh refresh); SQLite's own work is now
+//! half of its profile.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use tokio::sync::Mutex;
+
+use crate::store::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
+use crate::store::error::QueryContext;
+use crate::store::fan_out::Candidate;
+use crate::store::model::EventStatus;
+use crate::store::rows::{self, StoreRow};
+use crate::store::time::{from_sqlite_text, sqlite_offset, to_sqlite_text, SQLITE_NOW};
+use crate::store::{
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, FanOutReport, FanOutRequest,
+    LedgerEntry, NewEvent, RedriveSelection, Router, StoreError, StoreResult,
+    COMPLETED_KEY_COLUMNS,
+};
+
+/// Statements kept prepared: every statement below, with room to spare.
+const PREPARED_STATEMENTS: usize = 64;
+
+/// The joins [`COMPLETED_KEY_COLUMNS`] reads. SQLite runs a join as nested loops, so each
+/// is one look-up per claimed delivery: the ledger's key, and the attempt by its rowid.
+const COMPLETED_KEY_JOINS: &str = " \
+     LEFT JOIN herald_idempotency i ON i.route = d.route \
+       AND i.idempotency_key = d.idempotency_key \
+     LEFT JOIN herald_attempts a ON a.attempt_id = (SELECT min(x.attempt_id) \
+       FROM herald_attempts x WHERE x.delivery_id = d.delivery_id \
+         AND x.outcome IN ('DELIVERED', 'SKIPPED'))";
+
+/// The one connection that writes for dispatch. Kept open for the store's life: a SQLite
+/// connection drops its page cache whenever another connection has written since its
+/// last transaction, and with these writes spread over a pool nearly every transaction
+/// began by reading its pages again.
+pub(super) struct Writer {
+    /// Held for a whole transaction: it is also this process's turn to write, so its own
+    /// writers queue here instead of in SQLite's busy handler, which sleeps and retries.
+    connection: Mutex<Connection>,
+}
+
+impl Writer {
+    /// Opens the writer on an existing store file (the caller creates it).
+    pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
+        let connection = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(Duration::from_secs(10))?;
+        // FULL: an appended event or a recorded effect survives power loss, not just a
+        // process crash; the same settings as the store's pool.
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", true)?;
+        connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
+        Ok(Writer {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    /// Run `body` in a write transaction (`BEGIN IMMEDIATE`: the write lock up front, so
+    /// it never fails to upgrade a stale read snapshot) and commit what it wrote.
+    async fn write<T>(
+        &self,
+        committing: &'static str,
+        body: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut connection = self.connection.lock().await;
+        off_the_runtime(|| {
+            let tx = connection
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .doing("starting a write transaction")?;
+            let value = body(&tx)?;
+            tx.commit().doing(committing)?;
+            Ok(value)
+        })
+    }
+
+    pub async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
+        self.write("committing appended events", |tx| {
+            events.iter().map(|event| insert_event(tx, event)).collect()
+        })
+        .await
+    }
+
+    pub async fn fan_out_starting(
+        &self,
+        request: &FanOutRequest,
+        start: Option<&ClaimRequest>,
+        router: &Router<'_>,
+    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
+        self.write("committing fan-out", |tx| {
+            let candidates = take_candidates(tx, request)?;
+            let holders = key_holders(tx, &candidates)?;
+            let mut plan = batch::plan_fan_out(candidates, &holders, router);
+            if let Some(grant) = start.filter(|grant| grant.limit > 0) {
+                let startable = batch::start_candidates(&plan.deliveries, grant);
+                let blocked = blocked_lanes(tx, &plan.deliveries, &startable)?;
+                batch::mark_started(&mut plan.deliveries, &startable, &blocked, grant.limit);
+            }
+            let ids = insert_deliveries(tx, &plan.deliveries, start)?;
+            batch::confirm_started(&mut plan.deliveries, &ids);
+            let ledger = started_ledger(tx, &plan.deliveries)?;
+            apply_settlements(tx, &plan.settlements)?;
+            let started = batch::started_claims(&plan, &ids, &ledger)?;
+            Ok((plan.report, started))
+        })
+        .await
+    }
+
+    pub async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        self.write("committing a claim", |tx| {
+            // Read first, then lease what was read: in this write transaction nothing
+            // else changes the rows between the two.
+            // The due index gives the claim order directly; left to itself SQLite picks
+            // the status index and sorts every open delivery on each claim.
+            let mut select = tx
+                .prepare_cached(&format!(
+                    "SELECT d.delivery_id, d.route, d.attempts + 1 AS attempts, \
+                     d.idempotency_key, {COMPLETED_KEY_COLUMNS}, \
+                     e.event_id, e.event_target, e.event_type, e.entity_type, e.entity_id, \
+                     e.event_data, e.event_status, e.status_reason, \
+                     e.idempotency_key AS producer_key, e.headers, e.created_at \
+                     FROM herald_deliveries d JOIN events e ON e.event_id = d.event_id \
+                     {COMPLETED_KEY_JOINS} \
+                     WHERE d.delivery_id IN (\
+                       SELECT d.delivery_id FROM herald_deliveries d \
+                         INDEXED BY herald_deliveries_due \
+                       WHERE d.status IN ('PENDING', 'RETRY') \
+                         AND d.next_attempt_at <= {SQLITE_NOW} \
+                         AND (d.locked_until IS NULL OR d.locked_until <= {SQLITE_NOW}) \
+                         AND (NOT d.ordered OR NOT EXISTS (\
+                           SELECT 1 FROM herald_deliveries p WHERE p.route = d.route \
+                           AND p.entity_type = d.entity_type AND p.entity_id = d.entity_id \
+                           AND p.event_id < d.event_id AND p.status IN ('PENDING', 'RETRY'))) \
+                         AND d.route NOT IN (SELECT value FROM json_each(?1)) \
+                       ORDER BY d.next_attempt_at, d.delivery_id LIMIT ?2) \
+                     ORDER BY d.next_attempt_at, d.delivery_id"
+                ))
+                .doing("claiming deliveries")?;
+            let paused = serde_json::Value::from(request.paused_routes.clone()).to_string();
+            let mut found = select
+                .query(params![paused, i64::from(request.limit)])
+                .doing("claiming deliveries")?;
+            let mut claimed = Vec::new();
+            while let Some(row) = found.next().doing("claiming deliveries")? {
+                claimed.push(rows::claimed(row)?);
+            }
+            let mut lease = tx
+                .prepare_cached(&format!(
+                    "UPDATE herald_deliveries SET locked_by = ?1, \
+                     locked_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2), \
+                     attempts = attempts + 1, updated_at = {SQLITE_NOW} \
+                     WHERE delivery_id = ?3"
+                ))
+                .doing("leasing claimed deliveries")?;
+            let offset = sqlite_offset(request.lease);
+            for delivery in &claimed {
+                lease
+                    .execute(params![request.owner, offset, delivery.delivery_id])
+                    .doing("leasing claimed deliveries")?;
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    pub async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
+        self.write("committing outcomes", |tx| {
+            let recorded = close_deliveries(tx, completions)?;
+            let matched = batch::matched(completions, &recorded);
+            log_attempts(tx, &matched)?;
+            let held: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
+            let mut results = Vec::with_capacity(completions.len());
+            for completion in completions {
+                if !held.contains(&completion.delivery_id) {
+                    results.push(CompletionResult::LeaseLost);
+                    continue;
+                }
+                let emitted = completion
+                    .outcome
+                    .emitted()
+                    .iter()
+                    .map(|event| insert_event(tx, event))
+                    .collect::<StoreResult<Vec<_>>>()?;
+                for event in &completion.host_events {
+                    insert_event(tx, event)?;
+                }
+                results.push(CompletionResult::Committed { emitted });
+            }
+            resettle_events(tx, recorded.iter().map(|r| r.event_id).collect())?;
+            Ok(results)
+        })
+        .await
+    }
+
+    pub async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64> {
+        self.write("committing a redrive", |tx| {
+            let mut redrive = tx
+                .prepare_cached(&format!(
+                    "UPDATE herald_deliveries SET status = 'PENDING', attempts = 0, \
+                     next_attempt_at = {SQLITE_NOW}, last_error = NULL, \
+                     updated_at = {SQLITE_NOW} \
+                     WHERE status = 'DEAD' AND (?1 IS NULL OR delivery_id = ?1) \
+                       AND (?2 IS NULL OR route = ?2) \
+                     RETURNING event_id"
+                ))
+                .doing("redriving dead deliveries")?;
+            let events = redrive
+                .query_map(params![selection.delivery_id, selection.route], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .doing("redriving dead deliveries")?
+                .collect::<Result<Vec<_>, _>>()
+                .doing("redriving dead deliveries")?;
+            let redriven = events.len() as u64;
+            resettle_events(tx, events)?;
+            Ok(redriven)
+        })
+        .await
+    }
+}
+
+/// Run `work`, which blocks its thread, without stalling the tasks queued behind it: on a
+/// multi-threaded runtime the worker's other tasks move to another thread meanwhile. A
+/// single-threaded runtime (tests, the CLI) has no other thread to hand them to.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+impl StoreRow for Row<'_> {
+    fn text(&self, column: &str) -> StoreResult<String> {
+        self.opt_text(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("column {column}: unexpected NULL")))
+    }
+    fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
+        // A TEXT column takes any bytes, and a BLOB too: say which column holds what.
+        match value(self, column)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(bytes) | ValueRef::Blob(bytes) => {
+                String::from_utf8(bytes.to_vec()).map(Some).map_err(|bad| {
+                    StoreError::Corrupt(format!(
+                        "{column} is not valid UTF-8 ({})",
+                        bad.utf8_error()
+                    ))
+                })
+            }
+            other => Err(mismatch(column, "text", other)),
+        }
+    }
+    fn shown_text(&self, column: &str) -> StoreResult<Option<String>> {
+        match value(self, column)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(bytes) | ValueRef::Blob(bytes) => {
+                Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+            }
+            other => Err(mismatch(column, "text", other)),
+        }
+    }
+    fn int(&self, column: &str) -> StoreResult<i64> {
+        match value(self, column)? {
+            ValueRef::Integer(number) => Ok(number),
+            other => Err(mismatch(column, "an integer", other)),
+        }
+    }
+    fn flag(&self, column: &str) -> StoreResult<bool> {
+        Ok(self.int(column)? != 0)
+    }
+    fn time(&self, column: &str) -> StoreResult<DateTime<Utc>> {
+        from_sqlite_text(&self.text(column)?)
+    }
+    fn opt_time(&self, column: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        self.opt_text(column)?
+            .map(|text| from_sqlite_text(&text))
+            .transpose()
+    }
+}
+
+fn value<'r>(row: &'r Row<'_>, column: &str) -> StoreResult<ValueRef<'r>> {
+    row.get_ref(column)
+        .map_err(|err| StoreError::Corrupt(format!("column {column}: {err}")))
+}
+
+fn mismatch(column: &str, expected: &str, found: ValueRef<'_>) -> StoreError {
+    StoreError::Corrupt(format!(
+        "column {column}: expected {expected}, found {}",
+        found.data_type()
+    ))
+}
+
+fn insert_event(tx: &Transaction<'_>, event: &NewEvent) -> StoreResult<i64> {
+    event.validate().map_err(StoreError::Invalid)?;
+    tx.prepare_cached(
+        "INSERT INTO events (event_target, event_type, entity_type, entity_id, event_data, \
+         idempotency_key, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut insert| {
+        insert.execute(params![
+            event.event_target,
+            event.event_type,
+            event.entity_type,
+            event.entity_id,
+            event.event_data.to_string(),
+            event.idempotency_key,
+            event.headers_json(),
+        ])
+    })
+    .doing("appending an event")?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Take the next new events, oldest first, and move the fan-out cursor past them (in the
+/// caller's transaction, so a failed pass leaves them new). An event that is not READY
+/// when fan-out reaches it is passed over; no path makes an event READY again.
+/// Sizes are counted in bytes (`CAST AS BLOB`; `length` of text counts characters), and a
+/// payload over the limit is not read at all.
+fn take_candidates(tx: &Transaction<'_>, request: &FanOutRequest) -> StoreResult<Vec<Candidate>> {
+    let mut take = tx
+        .prepare_cached(
+            "SELECT event_id, event_status, event_type, event_target, entity_type, entity_id, \
+               coalesce(length(CAST(event_data AS BLOB)), 0) AS event_data_bytes, \
+               CASE WHEN length(CAST(event_data AS BLOB)) <= ?2 THEN event_data END \
+                 AS event_data, \
+               coalesce(length(CAST(headers AS BLOB)), 0) AS headers_bytes, \
+               CASE WHEN length(CAST(headers AS BLOB)) <= ?2 THEN headers END AS headers, \
+               idempotency_key, created_at \
+             FROM events WHERE event_id > (SELECT last_event_id FROM herald_fan_out_cursor) \
+             ORDER BY event_id LIMIT ?1",
+        )
+        .doing("reading new events")?;
+    let mut found = take
+        .query(params![i64::from(request.limit), request.max_bytes_sql()])
+        .doing("reading new events")?;
+    let mut candidates = Vec::new();
+    let mut last = None;
+    while let Some(row) = found.next().doing("reading new events")? {
+        last = Some(row.int("event_id")?);
+        if row.text("event_status")? == EventStatus::Ready.as_str() {
+            candidates.push(rows::candidate(row, request.max_event_bytes)?);
+        }
+    }
+    if let Some(last) = last {
+        tx.prepare_cached("UPDATE herald_fan_out_cursor SET last_event_id = ?1")
+            .and_then(|mut cursor| cursor.execute([last]))
+            .doing("moving the fan-out cursor")?;
+    }
+    Ok(candidates)
+}
+
+/// For each candidate with a producer key, the earliest other event holding that key: an
+/// earlier event, or a later one already settled. Either way the candidate repeats it.
+/// (Events reach fan-out in the order they committed: SQLite has one writer, and
+/// AUTOINCREMENT never hands out an id twice.)
+fn key_holders(tx: &Transaction<'_>, candidates: &[Candidate]) -> StoreResult<HashMap<i64, i64>> {
+    let mut holders = HashMap::new();
+    let mut holder_of = tx
+        .prepare_cached(
+            "SELECT event_id FROM events o WHERE idempotency_key = ?1 \
+             AND event_id <> ?2 AND event_status <> 'DUPLICATE' \
+             AND (event_id < ?2 OR event_status <> 'READY') \
+             ORDER BY event_id LIMIT 1",
+        )
+        .doing("checking an idempotency key")?;
+    for candidate in candidates {
+        let Some(key) = &candidate.idempotency_key else {
+            continue;
+        };
+        let holder: Option<i64> = holder_of
+            .query_row(params![key, candidate.head.event_id], |row| row.get(0))
+            .optional()
+            .doing("checking an idempotency key")?;
+        if let Some(holder) = holder {
+            holders.insert(candidate.head.event_id, holder);
+        }
+    }
+    Ok(holders)
+}
+
+/// Which of `candidates` (indexes into `deliveries`; only ordered routes can be) wait
+/// behind an earlier open delivery of their entity on their route.
+fn blocked_lanes(
+    tx: &Transaction<'_>,
+    deliveries: &[NewDelivery],
+    candidates: &[usize],
+) -> StoreResult<HashSet<usize>> {
+    let mut lane_open = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM herald_deliveries \
+               WHERE route = ?1 AND entity_type = ?2 AND entity_id = ?3 AND event_id < ?4 \
+               AND status IN ('PENDING', 'RETRY'))",
+        )
+        .doing("checking the entities' open deliveries")?;
+    let mut blocked = HashSet::new();
+    for &index in candidates {
+        let Some(delivery) = deliveries.get(index).filter(|d| d.ordered) else {
+            continue;
+        };
+        let open: bool = lane_open
+            .query_row(
+                params![
+                    delivery.route,
+                    delivery.entity_type,
+                    delivery.entity_id,
+                    delivery.event_id
+                ],
+                |row| row.get(0),
+            )
+            .doing("checking the entities' open deliveries")?;
+        if open {
+            blocked.insert(index);
+        }
+    }
+    Ok(blocked)
+}
+
+/// Insert the deliveries, those marked `start` leased to `start`'s owner on their first
+/// attempt. Returns the ids of the started ones by (event, route).
+fn insert_deliveries(
+    tx: &Transaction<'_>,
+    deliveries: &[NewDelivery],
+    start: Option<&ClaimRequest>,
+) -> StoreResult<HashMap<(i64, String), i64>> {
+    // A waiting delivery binds NULL for the lease, and `strftime` of NULL is NULL.
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+             idempotency_key, locked_by, locked_until, attempts) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?8), ?9)",
+        )
+        .doing("creating deliveries")?;
+    let lease = start.map(|start| (start.owner.as_str(), sqlite_offset(start.lease)));
+    let mut ids = HashMap::new();
+    for delivery in deliveries {
+        let (owner, offset, attempts) = match (&lease, delivery.start) {
+            (Some((owner, offset)), true) => (Some(*owner), Some(offset.as_str()), 1),
+            _ => (None, None, 0),
+        };
+        insert
+            .execute(params![
+                delivery.event_id,
+                delivery.route,
+                delivery.entity_type,
+                delivery.entity_id,
+                delivery.ordered,
+                delivery.idempotency_key,
+                owner,
+                offset,
+                attempts,
+            ])
+            .doing("creating deliveries")?;
+        if owner.is_some() {
+            ids.insert(
+                (delivery.event_id, delivery.route.clone()),
+                tx.last_insert_rowid(),
+            );
+        }
+    }
+    Ok(ids)
+}
+
+/// What the ledger holds for the producer keys of the deliveries fan-out started, by
+/// (route, key). (A derived key names its own new delivery: no ledger can hold it yet.)
+fn started_ledger(
+    tx: &Transaction<'_>,
+    deliveries: &[NewDelivery],
+) -> StoreResult<HashMap<(String, String), LedgerEntry>> {
+    let mut entries = HashMap::new();
+    let mut read = tx
+        .prepare_cached(
+            "SELECT route, idempotency_key, outcome AS ledger_outcome, \
+               event_id AS ledger_event_id, detail AS ledger_detail, \
+               completed_at AS ledger_completed_at \
+             FROM herald_idempotency WHERE route = ?1 AND idempotency_key = ?2",
+        )
+        .doing("reading the ledger for started deliveries")?;
+    for delivery in deliveries.iter().filter(|d| d.start && d.producer_keyed) {
+        let mut found = read
+            .query(params![delivery.route, delivery.idempotency_key])
+            .doing("reading the ledger for started deliveries")?;
+        if let Some(row) = found
+            .next()
+            .doing("reading the ledger for started deliveries")?
+        {
+            if let Some(entry) = rows::ledger(row)? {
+                entries.insert((entry.route.clone(), entry.idempotency_key.clone()), entry);
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn apply_settlements(tx: &Transaction<'_>, settlements: &[Settlement]) -> StoreResult<()> {
+    if settlements.is_empty() {
+        return Ok(());
+    }
+    let mut settle = tx
+        .prepare_cached(
+            "UPDATE events SET event_status = ?1, status_reason = ?2 WHERE event_id = ?3",
+        )
+        .doing("updating events' status")?;
+    for settlement in settlements {
+        settle
+            .execute(params![
+                settlement.status.as_str(),
+                settlement.reason,
+                settlement.event_id
+            ])
+            .doing("updating events' status")?;
+    }
+    Ok(())
+}
+
+/// Recompute the events' status from their deliveries, inside the caller's transaction.
+fn resettle_events(tx: &Transaction<'_>, mut event_ids: Vec<i64>) -> StoreResult<()> {
+    event_ids.sort_unstable();
+    event_ids.dedup();
+    if event_ids.is_empty() {
+        return Ok(());
+    }
+    let mut read = tx
+        .prepare_cached(
+            "SELECT event_id, status, route, last_error FROM herald_deliveries \
+             WHERE event_id = ?1 ORDER BY delivery_id",
+        )
+        .doing("reading events' deliveries")?;
+    let mut states = Vec::with_capacity(event_ids.len());
+    for event_id in event_ids {
+        let mut found = read.query([event_id]).doing("reading events' deliveries")?;
+        while let Some(row) = found.next().doing("reading events' deliveries")? {
+            states.push(rows::delivery_state(row)?);
+        }
+    }
+    apply_settlements(tx, &batch::resettle(states))
+}
+
+/// Close the deliveries whose lease still holds; returns what each matched one is.
+fn close_deliveries(
+    tx: &Transaction<'_>,
+    completions: &[Completion],
+) -> StoreResult<Vec<Recorded>> {
+    let mut close = tx
+        .prepare_cached(&format!(
+            "UPDATE herald_deliveries SET status = ?1, \
+             next_attempt_at = CASE WHEN ?1 = 'RETRY' \
+               THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2) ELSE next_attempt_at END, \
+             locked_by = NULL, locked_until = NULL, last_error = ?3, \
+             updated_at = {SQLITE_NOW} \
+             WHERE delivery_id = ?4 AND locked_by = ?5 AND attempts = ?6 \
+               AND status IN ('PENDING', 'RETRY') \
+             RETURNING delivery_id, event_id, route, idempotency_key"
+        ))
+        .doing("recording delivery outcomes")?;
+    let mut recorded = Vec::with_capacity(completions.len());
+    for completion in completions {
+        let update = DeliveryUpdate::of(completion);
+        let mut found = close
+            .query(params![
+                update.status.as_str(),
+                sqlite_offset(update.retry_after),
+                update.error,
+                completion.delivery_id,
+                completion.owner,
+                completion.attempt,
+            ])
+            .doing("recording delivery outcomes")?;
+        if let Some(row) = found.next().doing("recording delivery outcomes")? {
+            recorded.push(rows::recorded(row)?);
+        }
+    }
+    Ok(recorded)
+}
+
+/// The attempts log and the idempotency ledger for the completions that held.
+fn log_attempts(tx: &Transaction<'_>, matched: &[(&Completion, &Recorded)]) -> StoreResult<()> {
+    let mut attempt = tx
+        .prepare_cached(
+            "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, outcome, \
+             detail, plugin_version, instance, started_at, duration_us) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .doing("writing the attempts log")?;
+    for (c, r) in matched {
+        attempt
+            .execute(params![
+                c.delivery_id,
+                r.event_id,
+                r.route,
+                c.attempt,
+                c.outcome.attempt_outcome().as_str(),
+                c.outcome.detail(),
+                c.plugin_version,
+                c.owner,
+                to_sqlite_text(c.started_at),
+                batch::duration_us(c.duration),
+            ])
+            .doing("writing the attempts log")?;
+    }
+    let keyed = batch::ledger_entries(matched);
+    if keyed.is_empty() {
+        return Ok(());
+    }
+    let mut ledger = tx
+        .prepare_cached(
+            "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )
+        .doing("recording idempotency keys")?;
+    for (c, r) in keyed {
+        ledger
+            .execute(params![
+                r.route,
+                r.idempotency_key,
+                r.event_id,
+                c.outcome.attempt_outcome().as_str(),
+                c.outcome.detail(),
+            ])
+            .doing("recording idempotency keys")?;
+    }
+    Ok(())
+}
