@@ -129,17 +129,14 @@ pub(crate) fn ledger(row: &impl StoreRow) -> StoreResult<Option<LedgerEntry>> {
     }))
 }
 
-/// Ledger rows (as [`ledger`] reads them) by (route, key).
+/// Ledger entries by (route, key): how fan-out finds a started delivery's entry.
 pub(crate) fn ledger_by_key(
-    rows: &[impl StoreRow],
-) -> StoreResult<std::collections::HashMap<(String, String), LedgerEntry>> {
-    let mut entries = std::collections::HashMap::new();
-    for row in rows {
-        if let Some(entry) = ledger(row)? {
-            entries.insert((entry.route.clone(), entry.idempotency_key.clone()), entry);
-        }
-    }
-    Ok(entries)
+    entries: impl IntoIterator<Item = LedgerEntry>,
+) -> std::collections::HashMap<(String, String), LedgerEntry> {
+    entries
+        .into_iter()
+        .map(|entry| ((entry.route.clone(), entry.idempotency_key.clone()), entry))
+        .collect()
 }
 
 /// A claim row: the delivery's columns, the event's (its own key as `producer_key`, since

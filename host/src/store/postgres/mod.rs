@@ -243,7 +243,11 @@ async fn started_ledger(
         .fetch_all(conn)
         .await
         .doing("reading the ledger for started deliveries")?;
-    rows::ledger_by_key(&rows)
+    let entries = rows
+        .iter()
+        .map(rows::ledger)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(rows::ledger_by_key(entries.into_iter().flatten()))
 }
 
 async fn apply_settlements(conn: &mut PgConnection, settlements: &[Settlement]) -> StoreResult<()> {

@@ -481,7 +481,6 @@ fn started_ledger(
     tx: &Transaction<'_>,
     deliveries: &[NewDelivery],
 ) -> StoreResult<HashMap<(String, String), LedgerEntry>> {
-    let mut entries = HashMap::new();
     let mut read = tx
         .prepare_cached(
             "SELECT route, idempotency_key, outcome AS ledger_outcome, \
@@ -490,6 +489,7 @@ fn started_ledger(
              FROM herald_idempotency WHERE route = ?1 AND idempotency_key = ?2",
         )
         .doing("reading the ledger for started deliveries")?;
+    let mut entries = Vec::new();
     for delivery in deliveries.iter().filter(|d| d.start && d.producer_keyed) {
         let mut found = read
             .query(params![delivery.route, delivery.idempotency_key])
@@ -498,12 +498,10 @@ fn started_ledger(
             .next()
             .doing("reading the ledger for started deliveries")?
         {
-            if let Some(entry) = rows::ledger(row)? {
-                entries.insert((entry.route.clone(), entry.idempotency_key.clone()), entry);
-            }
+            entries.extend(rows::ledger(row)?);
         }
     }
-    Ok(entries)
+    Ok(rows::ledger_by_key(entries))
 }
 
 fn apply_settlements(tx: &Transaction<'_>, settlements: &[Settlement]) -> StoreResult<()> {
