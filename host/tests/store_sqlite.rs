@@ -1,15 +1,16 @@
 //! SQLite-only behaviour: fan-out's cursor (migration 0005), and the indexes a delivery
 //! writes (migration 0006). SQLite has one writer, so events commit in id order and
 //! fan-out remembers the last one it read instead of marking each event; these tests hold
-//! it to never losing an event that way.
+//! it to never losing an event that way. And the CHECK constraints that Herald's own
+//! writer connection skips: every status it writes is one they accept.
 
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
 
 use herald::store::{
-    self, ClaimRequest, Completion, DeliveryFilter, DeliveryStatus, EventHead, EventStore,
-    FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
+    self, AttemptOutcome, ClaimRequest, Completion, DeliveryFilter, DeliveryStatus, EventHead,
+    EventStatus, EventStore, FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
 };
 use serde_json::json;
 use sqlx::migrate::Migrator;
@@ -261,4 +262,116 @@ async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
         .expect("dead letters");
     let dead_events: Vec<i64> = letters.iter().map(|d| d.event_id).collect();
     assert_eq!(dead_events, vec![dead]);
+}
+
+/// Herald's writer connection skips the schema's CHECK constraints (each cost a temporary
+/// index per row written) because it writes the checked columns only from Herald's enums.
+/// This holds the two together: every name of each enum passes its column's constraint, so
+/// a name added to an enum without a migration fails here; and on any other connection the
+/// constraints still refuse what is not a name.
+#[tokio::test]
+async fn every_status_herald_writes_is_one_the_schema_accepts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let _store = open(&path).await;
+    let pool = raw(&path).await;
+    let refused = |result: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>| match result {
+        Err(err) => assert!(
+            err.to_string().contains("CHECK constraint failed"),
+            "refused for another reason: {err}"
+        ),
+        Ok(_) => panic!("a status outside the schema's list was written"),
+    };
+
+    let insert_event = "INSERT INTO events (event_type, entity_type, entity_id, event_status) \
+                        VALUES ('t', 'e', '1', ?)";
+    let mut event_id = 0;
+    for status in EventStatus::ALL {
+        event_id = sqlx::query(insert_event)
+            .bind(status.as_str())
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|err| panic!("event status {}: {err}", status.as_str()))
+            .last_insert_rowid();
+    }
+    refused(sqlx::query(insert_event).bind("LOST").execute(&pool).await);
+
+    let insert_delivery = "INSERT INTO herald_deliveries (event_id, route, entity_type, \
+                           entity_id, ordered, idempotency_key, status) \
+                           VALUES (?, ?, 'e', '1', 1, 'k', ?)";
+    let mut delivery_id = 0;
+    for status in DeliveryStatus::ALL {
+        delivery_id = sqlx::query(insert_delivery)
+            .bind(event_id)
+            .bind(status.as_str())
+            .bind(status.as_str())
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|err| panic!("delivery status {}: {err}", status.as_str()))
+            .last_insert_rowid();
+    }
+    refused(
+        sqlx::query(insert_delivery)
+            .bind(event_id)
+            .bind("elsewhere")
+            .bind("LOST")
+            .execute(&pool)
+            .await,
+    );
+
+    let insert_attempt = "INSERT INTO herald_attempts (delivery_id, event_id, route, attempt, \
+                          outcome, instance, started_at, duration_us) \
+                          VALUES (?, ?, 'r', 1, ?, 'i', '2026-12-02T00:00:00.000Z', 1)";
+    for outcome in AttemptOutcome::ALL {
+        sqlx::query(insert_attempt)
+            .bind(delivery_id)
+            .bind(event_id)
+            .bind(outcome.as_str())
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|err| panic!("attempt outcome {}: {err}", outcome.as_str()));
+    }
+    refused(
+        sqlx::query(insert_attempt)
+            .bind(delivery_id)
+            .bind(event_id)
+            .bind("LOST")
+            .execute(&pool)
+            .await,
+    );
+
+    // The ledger records the outcome of each attempt that completes its key.
+    let insert_key = "INSERT INTO herald_idempotency (route, idempotency_key, event_id, outcome) \
+                      VALUES ('r', ?, ?, ?)";
+    let every_outcome = [
+        Outcome::delivered(),
+        Outcome::Retry {
+            after: Duration::from_secs(1),
+            reason: "later".into(),
+        },
+        Outcome::Dead {
+            reason: "refused".into(),
+        },
+        Outcome::Skipped {
+            reason: "not ours".into(),
+        },
+    ];
+    for outcome in every_outcome.iter().filter(|o| o.completes_key()) {
+        let name = outcome.attempt_outcome().as_str();
+        sqlx::query(insert_key)
+            .bind(name)
+            .bind(event_id)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|err| panic!("ledger outcome {name}: {err}"));
+    }
+    refused(
+        sqlx::query(insert_key)
+            .bind("lost")
+            .bind(event_id)
+            .bind("RETRY")
+            .execute(&pool)
+            .await,
+    );
 }
