@@ -13,8 +13,8 @@ pub const DRAIN_DISPATCH: &str =
 pub const NEIGHBOUR_DISPATCH: &str =
     "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"";
 
-/// `[dispatch]` of the latency run (scenario 4). Postgres wakes on NOTIFY; SQLite has only
-/// the poll interval, which therefore bounds its latency.
+/// `[dispatch]` of the latency run (scenario 4). Postgres wakes on NOTIFY; SQLite on the
+/// store's watch of other connections' commits (`PRAGMA data_version`, every millisecond).
 pub const LATENCY_DISPATCH: &str =
     "batch_size = 100\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"\nlisten = true";
 

@@ -2,7 +2,8 @@
 //! writes (migration 0006). SQLite has one writer, so events commit in id order and
 //! fan-out remembers the last one it read instead of marking each event; these tests hold
 //! it to never losing an event that way. And the CHECK constraints that Herald's own
-//! writer connection skips: every status it writes is one they accept.
+//! writer connection skips: every status it writes is one they accept. And the watch that
+//! stands in for Postgres's NOTIFY.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -374,4 +375,34 @@ async fn every_status_herald_writes_is_one_the_schema_accepts() {
             .execute(&pool)
             .await,
     );
+}
+
+/// SQLite has no NOTIFY: the store watches for commits instead, so a dispatcher that
+/// listens wakes when another connection (a producer's) inserts an event, without polling.
+#[tokio::test]
+async fn an_insert_by_another_connection_wakes_a_listener() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herald.db");
+    let store = open(&path).await;
+    let producer = raw(&path).await;
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    assert!(store
+        .watch_new_events(std::sync::Arc::downgrade(&wake))
+        .await
+        .expect("watch"));
+
+    for n in 0..2 {
+        let woken = wake.notified();
+        sqlx::query(
+            "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+             VALUES ('order.created', 'order', ?, '{}')",
+        )
+        .bind(n.to_string())
+        .execute(&producer)
+        .await
+        .expect("insert");
+        tokio::time::timeout(Duration::from_secs(10), woken)
+            .await
+            .unwrap_or_else(|_| panic!("insert {n} did not wake the listener"));
+    }
 }

@@ -69,8 +69,10 @@ plugins_dir = "plugins"
 # poll_interval = "500ms"  # how often to look for new events when there is nothing to do
 # shutdown_deadline = "30s"  # on SIGTERM, attempts in flight get this long to finish;
 #                          # the leases of any still running are then released
-# listen = true            # Postgres: wake at once on LISTEN/NOTIFY; polling stays the
-#                          # safety net (a pooler in transaction mode drops notifications)
+# listen = true            # wake at once when events are inserted (Postgres: LISTEN/NOTIFY;
+#                          # SQLite: a look every 1ms for other connections' commits);
+#                          # polling stays the safety net (a pooler in transaction mode
+#                          # drops notifications)
 # quarantine_after = 10    # consecutive plugin faults (trap, panic, a limit broken) that
 #                          # pause the plugin's routes until `herald plugins resume NAME`;
 #                          # 0: never

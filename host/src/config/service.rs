@@ -21,7 +21,8 @@ pub struct DispatchConfig {
     pub lease: Duration,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// On Postgres, wake on LISTEN/NOTIFY instead of waiting for the next poll.
+    /// Wake when events are inserted instead of waiting for the next poll: on Postgres by
+    /// LISTEN/NOTIFY, on SQLite by watching for other connections' commits.
     pub listen: bool,
     /// On SIGTERM, how long attempts in flight may take to finish before their leases
     /// are released.

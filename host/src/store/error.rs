@@ -21,6 +21,12 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("cannot watch {} for new events: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
     #[error("cannot migrate store {url}: {source}")]
     Migrate {
         url: String,

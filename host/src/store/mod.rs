@@ -110,7 +110,7 @@ pub trait EventStore: Send + Sync {
     async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>>;
 
     /// Wake `wake` whenever events are inserted, for as long as `wake` lives. Returns
-    /// false when the backend cannot notify (SQLite): polling alone finds new events.
+    /// false when the backend cannot notify: polling alone finds new events.
     async fn watch_new_events(&self, wake: Weak<Notify>) -> StoreResult<bool> {
         let _ = wake;
         Ok(false)

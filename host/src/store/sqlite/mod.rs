@@ -3,9 +3,11 @@
 //!
 //! SQLite has one writer at a time, so claims cannot collide.
 
+mod watch;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +18,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
+use tokio::sync::Notify;
 
 use super::error::QueryContext;
 use super::filters::{push_delivery_filter, push_event_filter};
@@ -26,6 +29,7 @@ use super::{
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
     Instance, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
 };
+use watch::NewEventWatch;
 use writer::Writer;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -39,6 +43,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Fan-out, claims, outcomes, appends and redrives.
     writer: Writer,
+    /// Wakes a listening dispatcher on new events; watches while the store lives.
+    watch: std::sync::Mutex<Option<NewEventWatch>>,
     path: PathBuf,
 }
 
@@ -75,6 +81,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             writer,
+            watch: std::sync::Mutex::new(None),
             path: path.to_path_buf(),
         })
     }
@@ -280,6 +287,15 @@ impl EventStore for SqliteStore {
             .await
             .doing("deregistering an instance")?;
         Ok(())
+    }
+
+    async fn watch_new_events(&self, wake: Weak<Notify>) -> StoreResult<bool> {
+        let watch = watch::watch_new_events(&self.path, wake)?;
+        // A new watch replaces the one before: one dispatcher listens per store.
+        *self.watch.lock().map_err(|_| {
+            StoreError::Invariant("the new-event watch's lock is poisoned".into())
+        })? = Some(watch);
+        Ok(true)
     }
 
     async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>> {

@@ -51,7 +51,40 @@ const COMPLETED_KEY_JOINS: &str = " \
 pub(super) struct Writer {
     /// Held for a whole transaction: it is also this process's turn to write, so its own
     /// writers queue here instead of in SQLite's busy handler, which sleeps and retries.
-    connection: Mutex<Connection>,
+    connection: Mutex<WriterConnection>,
+}
+
+struct WriterConnection {
+    connection: Connection,
+    /// What `PRAGMA synchronous` is set to now, so it is changed only when a transaction
+    /// asks for the other.
+    commit: Commit,
+}
+
+/// How a transaction's commit reaches the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The WAL is flushed before the commit returns (`synchronous = FULL`): outcomes, the
+    /// attempts log, the ledger, appended and emitted events survive a power cut once
+    /// Herald reports them.
+    Flushed,
+    /// Written to the WAL without waiting for its flush (`synchronous = NORMAL`): fan-out
+    /// and claims, which only derive deliveries from events and take leases, as on
+    /// Postgres (`synchronous_commit = off` there). A process crash loses nothing; a power
+    /// cut or an OS crash may roll such a commit back, and then the deliveries are fanned
+    /// out or claimed again and run under the same idempotency keys, as after any crash
+    /// between an attempt and its record. Every flushed commit flushes the WAL written
+    /// before it, so an outcome is never durable while the lease it closes is not.
+    Unflushed,
+}
+
+impl Commit {
+    fn synchronous(self) -> &'static str {
+        match self {
+            Commit::Flushed => "FULL",
+            Commit::Unflushed => "NORMAL",
+        }
+    }
 }
 
 impl Writer {
@@ -61,7 +94,7 @@ impl Writer {
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        connection.busy_timeout(Duration::from_secs(10))?;
+        connection.busy_handler(Some(wait_briefly_for_the_lock))?;
         // FULL: an appended event or a recorded effect survives power loss, not just a
         // process crash; the same settings as the store's pool.
         connection.pragma_update(None, "synchronous", "FULL")?;
@@ -76,7 +109,10 @@ impl Writer {
         connection.pragma_update(None, "ignore_check_constraints", true)?;
         connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
         Ok(Writer {
-            connection: Mutex::new(connection),
+            connection: Mutex::new(WriterConnection {
+                connection,
+                commit: Commit::Flushed,
+            }),
         })
     }
 
@@ -85,11 +121,20 @@ impl Writer {
     async fn write<T>(
         &self,
         committing: &'static str,
+        commit: Commit,
         body: impl FnOnce(&Transaction<'_>, &Now) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        let mut connection = self.connection.lock().await;
+        let mut writer = self.connection.lock().await;
         off_the_runtime(|| {
-            let tx = connection
+            if writer.commit != commit {
+                writer
+                    .connection
+                    .pragma_update(None, "synchronous", commit.synchronous())
+                    .doing("choosing how the commit is flushed")?;
+                writer.commit = commit;
+            }
+            let tx = writer
+                .connection
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .doing("starting a write transaction")?;
             let value = body(&tx, &Now::read())?;
@@ -99,7 +144,7 @@ impl Writer {
     }
 
     pub async fn append_batch(&self, events: &[NewEvent]) -> StoreResult<Vec<i64>> {
-        self.write("committing appended events", |tx, now| {
+        self.write("committing appended events", Commit::Flushed, |tx, now| {
             events
                 .iter()
                 .map(|event| insert_event(tx, now, event))
@@ -114,7 +159,7 @@ impl Writer {
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
     ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
-        self.write("committing fan-out", |tx, now| {
+        self.write("committing fan-out", Commit::Unflushed, |tx, now| {
             let candidates = take_candidates(tx, request)?;
             let holders = key_holders(tx, &candidates)?;
             let mut plan = batch::plan_fan_out(candidates, &holders, router);
@@ -134,7 +179,7 @@ impl Writer {
     }
 
     pub async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        self.write("committing a claim", |tx, now| {
+        self.write("committing a claim", Commit::Unflushed, |tx, now| {
             // Read first, then lease what was read: in this write transaction nothing
             // else changes the rows between the two.
             // The due index gives the claim order directly; left to itself SQLite picks
@@ -195,7 +240,7 @@ impl Writer {
     }
 
     pub async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
-        self.write("committing outcomes", |tx, now| {
+        self.write("committing outcomes", Commit::Flushed, |tx, now| {
             let recorded = close_deliveries(tx, now, completions)?;
             let matched = batch::matched(completions, &recorded);
             log_attempts(tx, now, &matched)?;
@@ -224,7 +269,7 @@ impl Writer {
     }
 
     pub async fn redrive(&self, selection: &RedriveSelection) -> StoreResult<u64> {
-        self.write("committing a redrive", |tx, now| {
+        self.write("committing a redrive", Commit::Flushed, |tx, now| {
             let mut redrive = tx
                 .prepare_cached(
                     "UPDATE herald_deliveries SET status = 'PENDING', attempts = 0, \
@@ -248,6 +293,22 @@ impl Writer {
         })
         .await
     }
+}
+
+/// How long a write waits for another connection's write lock (a producer's) before it
+/// fails: at least 10 s, as the pool's `busy_timeout`.
+const LOCK_WAIT_LOOKS: i32 = 10_000;
+
+/// SQLite's own busy handler sleeps 1, 2, 5, 10, … up to 100 ms between looks: a producer's
+/// insert holds the lock for a millisecond or two, and the writer then slept for up to
+/// 18 ms after it was free. This one looks again within at most a millisecond.
+fn wait_briefly_for_the_lock(looks: i32) -> bool {
+    if looks >= LOCK_WAIT_LOOKS {
+        return false;
+    }
+    let micros = 100 * u64::try_from(looks.saturating_add(1)).unwrap_or(1);
+    std::thread::sleep(Duration::from_micros(micros.min(1_000)));
+    true
 }
 
 /// Run `work`, which blocks its thread, without stalling the tasks queued behind it: on a
