@@ -176,7 +176,7 @@ fn print_header(
     );
     let names: Vec<&str> = backends.iter().map(|b| b.name()).collect();
     println!(
-        "- backends: {}; SQLite {} (WAL, synchronous=FULL, as Herald opens it); Postgres {}",
+        "- backends: {}; SQLite {} (WAL; synchronous=FULL, NORMAL for fan-out and claims, as Herald runs it); Postgres {}",
         names.join(", "),
         sqlite.unwrap_or("?"),
         postgres.unwrap_or("not measured")
