@@ -296,19 +296,31 @@ impl Writer {
 }
 
 /// How long a write waits for another connection's write lock (a producer's) before it
-/// fails: at least 10 s, as the pool's `busy_timeout`.
-const LOCK_WAIT_LOOKS: i32 = 10_000;
+/// fails: at least 10 s, as the pool's `busy_timeout` (the first ten pauses are shorter
+/// than a millisecond, hence the ten looks more).
+const LOCK_WAIT_LOOKS: i32 = 10_010;
 
 /// SQLite's own busy handler sleeps 1, 2, 5, 10, … up to 100 ms between looks: a producer's
 /// insert holds the lock for a millisecond or two, and the writer then slept for up to
 /// 18 ms after it was free. This one looks again within at most a millisecond.
 fn wait_briefly_for_the_lock(looks: i32) -> bool {
+    match pause_before_look(looks) {
+        Some(pause) => {
+            std::thread::sleep(pause);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The pause before look number `looks + 1`: 100 µs longer each time, at most 1 ms; none
+/// once [`LOCK_WAIT_LOOKS`] have been made (the write then fails as "database is locked").
+fn pause_before_look(looks: i32) -> Option<Duration> {
     if looks >= LOCK_WAIT_LOOKS {
-        return false;
+        return None;
     }
     let micros = 100 * u64::try_from(looks.saturating_add(1)).unwrap_or(1);
-    std::thread::sleep(Duration::from_micros(micros.min(1_000)));
-    true
+    Some(Duration::from_micros(micros.min(1_000)))
 }
 
 /// Run `work`, which blocks its thread, without stalling the tasks queued behind it: on a
@@ -748,4 +760,19 @@ fn log_attempts(
             .doing("recording idempotency keys")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_waits_for_the_lock_at_least_10_s_looking_at_least_every_millisecond() {
+        let pauses: Vec<Duration> = (0..).map_while(pause_before_look).collect();
+        assert_eq!(pauses.len(), LOCK_WAIT_LOOKS as usize);
+        assert!(pauses
+            .iter()
+            .all(|pause| *pause <= Duration::from_millis(1)));
+        assert!(pauses.iter().sum::<Duration>() >= Duration::from_secs(10));
+    }
 }
