@@ -14,7 +14,7 @@ pub const NEIGHBOUR_DISPATCH: &str =
     "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"";
 
 /// `[dispatch]` of the latency run (scenario 4). Postgres wakes on NOTIFY; SQLite on the
-/// store's watch of other connections' commits (`PRAGMA data_version`, every millisecond).
+/// store's watch of the WAL file for any process's commits (`sqlite::watch`).
 pub const LATENCY_DISPATCH: &str =
     "batch_size = 100\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"\nlisten = true";
 

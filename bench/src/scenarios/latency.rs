@@ -112,7 +112,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
                     backend.name().to_string(),
                     match backend {
                         Backend::Postgres => "LISTEN/NOTIFY".to_string(),
-                        Backend::Sqlite => "data_version watch".to_string(),
+                        Backend::Sqlite => "WAL watch".to_string(),
                     },
                     count(m.events as u64),
                     rate(m.produced_per_sec),

@@ -70,7 +70,7 @@ plugins_dir = "plugins"
 # shutdown_deadline = "30s"  # on SIGTERM, attempts in flight get this long to finish;
 #                          # the leases of any still running are then released
 # listen = true            # wake at once when events are inserted (Postgres: LISTEN/NOTIFY;
-#                          # SQLite: a look every 1ms for other connections' commits);
+#                          # SQLite: a watch of the WAL file for any process's commits);
 #                          # polling stays the safety net (a pooler in transaction mode
 #                          # drops notifications)
 # quarantine_after = 10    # consecutive plugin faults (trap, panic, a limit broken) that
