@@ -63,6 +63,8 @@ pub(super) fn watch_new_events(path: &Path, wake: Weak<Notify>) -> StoreResult<N
             return;
         };
         match event {
+            // The kernel's queue overflowed: writes may have gone unreported.
+            Ok(event) if event.need_rescan() => wake.notify_one(),
             Ok(event) if !is_a_write_to(&event, &wal_name) => {}
             Ok(_) => match seen.await_commit(&connection) {
                 Ok(true) => wake.notify_one(),
