@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use crate::store::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
 use crate::store::error::QueryContext;
 use crate::store::fan_out::Candidate;
-use crate::store::model::EventStatus;
+use crate::store::model::{DeliveryStatus, EventStatus};
 use crate::store::rows::{self, StoreRow};
 use crate::store::time::{from_sqlite_text, to_sqlite_text};
 use crate::store::{
@@ -564,9 +564,10 @@ fn insert_deliveries(
              updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
         )
         .doing("creating deliveries")?;
-    let lease = start
-        .map(|start| Ok::<_, StoreError>((start.owner.as_str(), now.after(start.lease)?)))
-        .transpose()?;
+    let lease = match start {
+        Some(start) => Some((start.owner.as_str(), now.after(start.lease)?)),
+        None => None,
+    };
     let mut ids = HashMap::new();
     for delivery in deliveries {
         let (owner, until, attempts) = match (&lease, delivery.start) {
@@ -689,10 +690,15 @@ fn close_deliveries(
     let mut recorded = Vec::with_capacity(completions.len());
     for completion in completions {
         let update = DeliveryUpdate::of(completion);
+        // Only a retry reads it (the statement's CASE): no time to format for the rest.
+        let retry_at = match update.status {
+            DeliveryStatus::Retry => Some(now.after(update.retry_after)?),
+            _ => None,
+        };
         let mut found = close
             .query(params![
                 update.status.as_str(),
-                now.after(update.retry_after)?,
+                retry_at,
                 update.error,
                 completion.delivery_id,
                 completion.owner,
