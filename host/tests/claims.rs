@@ -72,7 +72,7 @@ async fn delivered(store: &dyn EventStore, id: i64) {
 
 /// Events arriving one at a time are started by fan-out itself (their lanes are free),
 /// so a finished delivery leaves nothing of this instance's to claim: it must not wake a
-/// claim. (Before, every finished task claimed, and at 1,000 events/s that was 300
+/// claim. Nor must events queued behind their lane's running delivery. (Before, every finished task claimed, and at 1,000 events/s that was 300
 /// empty claims a second.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_started_by_fan_out_wake_no_claim_when_they_finish() {
@@ -118,6 +118,36 @@ async fn deliveries_started_by_fan_out_wake_no_claim_when_they_finish() {
         after - before,
         0.0,
         "claims made for deliveries fan-out had started (before {before}, after {after})"
+    );
+
+    // An entity's events committed together: fan-out starts the first and queues the
+    // rest behind it; each runs when the one before closes, in order, with no claim.
+    let burst: Vec<NewEvent> = (0..20)
+        .map(|n| NewEvent::new("order.updated", "order", "burst", json!({ "n": n })))
+        .collect();
+    let ids = store.append_batch(&burst).await.expect("append burst");
+    for id in &ids {
+        delivered(&*store, *id).await;
+    }
+    let mut first_attempts = Vec::new();
+    for id in &ids {
+        let detail = store
+            .event_detail(*id)
+            .await
+            .expect("detail")
+            .expect("event");
+        assert_eq!(detail.attempts.len(), 1, "event {id} ran once");
+        first_attempts.push(detail.attempts[0].attempt_id);
+    }
+    let mut in_order = first_attempts.clone();
+    in_order.sort_unstable();
+    assert_eq!(first_attempts, in_order, "the entity's events ran in order");
+    let after_burst = claims(&render().await);
+    assert_eq!(
+        after_burst - after,
+        0.0,
+        "claims made for deliveries queued behind their lane (before {after}, after \
+         {after_burst})"
     );
 
     let _ = stop.send(true);

@@ -1307,8 +1307,8 @@ const SEED: &str = "event_type, entity_type, entity_id, event_data";
 /// after a bad one) are delivered.
 async fn hostile_rows_settle_one_by_one_and_the_rest_flows(f: &Fixture) {
     let request = FanOutRequest {
-        limit: 100,
         max_event_bytes: 100,
+        ..FanOutRequest::new(100)
     };
     let mut dead: Vec<(i64, String)> = Vec::new();
     let mut good: Vec<i64> = Vec::new();
@@ -1632,7 +1632,8 @@ async fn fan_out_starting(f: &Fixture, grant: &ClaimRequest) -> Vec<store::Claim
         .fan_out_starting(&FanOutRequest::new(10), Some(grant), &router)
         .await
         .expect("fan out");
-    started
+    assert!(started.queued.is_empty(), "queued with no room to queue");
+    started.now
 }
 
 fn started_pairs(started: &[store::ClaimedDelivery]) -> HashSet<(i64, String)> {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use herald::store::postgres::plans;
 use herald::store::{
-    self, ClaimRequest, Completion, CompletionResult, EventHead, EventStatus, EventStore,
-    FanOutRequest, NewEvent, OpenOptions, Outcome, RoutePlan,
+    self, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventHead, EventStatus,
+    EventStore, FanOutRequest, FanOutStarts, NewEvent, OpenOptions, Outcome, RoutePlan,
 };
 use herald_tests::PgSchema;
 use serde_json::json;
@@ -47,6 +47,97 @@ async fn deliver_everything(store: &dyn EventStore, owner: &str) -> Vec<i64> {
         .iter()
         .all(|r| matches!(r, CompletionResult::Committed { .. })));
     claimed.iter().map(|c| c.event.event_id).collect()
+}
+
+fn grant(owner: &str, limit: u32) -> ClaimRequest {
+    ClaimRequest {
+        owner: owner.into(),
+        limit,
+        lease: Duration::from_secs(60),
+        paused_routes: Vec::new(),
+    }
+}
+
+async fn fan_out_as(
+    store: &dyn EventStore,
+    owner: &str,
+    start: u32,
+    queue_behind: u32,
+) -> FanOutStarts {
+    let request = FanOutRequest {
+        queue_behind,
+        ..FanOutRequest::new(100)
+    };
+    let (_, starts) = store
+        .fan_out_starting(&request, Some(&grant(owner, start)), &orders_route)
+        .await
+        .expect("fan out");
+    starts
+}
+
+fn event_ids(deliveries: &[ClaimedDelivery]) -> Vec<i64> {
+    deliveries.iter().map(|d| d.event.event_id).collect()
+}
+
+async fn append_order(store: &dyn EventStore, entity: &str) -> i64 {
+    let event = NewEvent::new("order.created", "order", entity, json!({}));
+    store.append(&event).await.expect("append")
+}
+
+/// Fan-out leases a new delivery behind a lane whose every open delivery its owner holds,
+/// and says which one it waits for; a lane anyone else holds, or that waits for a claim,
+/// is left to claims, and so is everything past the room it was given.
+#[tokio::test]
+async fn fan_out_queues_new_deliveries_behind_lanes_their_owner_holds() {
+    let Some(schema) = PgSchema::create("store_pg_queue_behind_lanes").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let unleased = append_order(&*store, "W").await;
+    store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out without a grant");
+    let held = append_order(&*store, "A").await;
+    let other = append_order(&*store, "V").await;
+    let first = fan_out_as(&*store, "alpha", 10, 0).await;
+    assert_eq!(event_ids(&first.now), vec![held, other]);
+    assert!(first.queued.is_empty());
+    let held_id = first.now[0].delivery_id;
+
+    // No slot free (start limit 0), room to queue 3.
+    let a2 = append_order(&*store, "A").await;
+    let a3 = append_order(&*store, "A").await;
+    let w2 = append_order(&*store, "W").await;
+    let c1 = append_order(&*store, "C").await;
+    let v2 = append_order(&*store, "V").await;
+    let queued = fan_out_as(&*store, "alpha", 0, 3).await;
+    assert!(queued.now.is_empty());
+    let order: Vec<(i64, Option<i64>)> = queued
+        .queued
+        .iter()
+        .map(|q| (q.delivery.event.event_id, q.behind))
+        .collect();
+    let a2_id = queued.queued[0].delivery.delivery_id;
+    assert_eq!(
+        order,
+        vec![(a2, Some(held_id)), (a3, Some(a2_id)), (c1, None)],
+        "A queues behind its held delivery, then behind its own batch; W waits for a \
+         claim; C is due at once; V is past the room"
+    );
+    assert!(queued.queued.iter().all(|q| q.delivery.attempt == 1));
+
+    // Another instance leases nothing behind alpha's lanes.
+    let a4 = append_order(&*store, "A").await;
+    let beta = fan_out_as(&*store, "beta", 10, 10).await;
+    assert!(beta.now.is_empty() && beta.queued.is_empty(), "{beta:?}");
+
+    // Queued leases are not claimable: beta's claim takes only the lanes' heads that
+    // no one holds (W's first; V's second waits behind alpha's first).
+    let claimed = store.claim(&grant("beta", 100)).await.expect("claim");
+    assert_eq!(event_ids(&claimed), vec![unleased]);
+    let _ = (w2, v2, a4);
+    schema.drop().await;
 }
 
 /// The classic outbox bug: a relay that remembers "highest id processed" skips an event

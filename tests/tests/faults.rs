@@ -12,8 +12,8 @@ use common::Herald;
 use herald::store::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStatus, EventStore, FanOutReport,
-    FanOutRequest, Instance, NewEvent, Quarantine, RedriveSelection, Router, StoreError,
-    StoreResult,
+    FanOutRequest, FanOutStarts, Instance, NewEvent, Quarantine, RedriveSelection, Router,
+    StoreError, StoreResult,
 };
 use herald_tests::sink::Sink;
 use serde_json::json;
@@ -155,7 +155,7 @@ impl EventStore for CrashBeforeCommit {
         request: &FanOutRequest,
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
+    ) -> StoreResult<(FanOutReport, FanOutStarts)> {
         self.inner.fan_out_starting(request, start, router).await
     }
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {

@@ -4,6 +4,7 @@
 //! Per-entity order needs nothing here: the store only hands out the earliest open
 //! delivery of an entity on an ordered route, so every claimed delivery may run at once.
 
+mod lane_queue;
 mod outcome;
 mod quarantine;
 mod recorder;
@@ -21,20 +22,25 @@ use tracing::Instrument;
 pub use outcome::dead_notice;
 pub use retry::{RetryDecision, RetryPolicy};
 
+use lane_queue::{Effects, Ended, LaneQueue};
 use quarantine::Quarantines;
 use recorder::Recorder;
 
 use crate::router::Router;
 use crate::runtime::{Event as PluginEvent, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::{
-    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventStore, FanOutReport,
-    FanOutRequest, Outcome, StoreError,
+    ClaimRequest, ClaimedDelivery, Completion, CompletionResult, DeliveryStatus, EventStore,
+    FanOutReport, FanOutRequest, Outcome, QueuedDelivery, StoreError,
 };
 
 /// Most deliveries one task runs in a row (in one plugin instance, when the route lets an
 /// instance serve that many): enough to spread instantiation thin, few enough that a slow
 /// plugin does not hold a long queue of leases.
 const DELIVERIES_PER_TASK: usize = 16;
+
+/// Most deliveries fan-out leases behind lanes this instance holds, per slot: as many as
+/// the slots run in a row, so the queue feeds every slot for a round without a claim.
+const QUEUED_PER_SLOT: usize = DELIVERIES_PER_TASK;
 
 /// How long a claim waits for more running tasks to finish once one has (see
 /// `gather_finished`). Short against a delivery's latency, long against a commit.
@@ -162,8 +168,16 @@ pub struct Dispatcher {
     /// Deliveries this instance is running, whose leases the heartbeat renews.
     in_flight: Arc<Mutex<HashSet<i64>>>,
     wake: Arc<Notify>,
-    /// Fan-out created deliveries.
+    /// Fan-out created deliveries it did not lease.
     claimable: Notify,
+    /// Queued deliveries became due.
+    due: Arc<Notify>,
+    /// Deliveries leased at fan-out behind lanes this instance holds.
+    lanes: Arc<LaneQueue>,
+    /// Fan-outs run one at a time (what [`LaneQueue`] relies on to forget endings).
+    fan_out_turn: tokio::sync::Mutex<()>,
+    /// When the claim loop last asked the store while deliveries were queued here.
+    last_store_claim: Mutex<std::time::Instant>,
     /// Deliveries this instance fanned out less those it claimed since: an estimate of
     /// what is waiting to be claimed. Signed, because a claim may take deliveries before
     /// the fan-out that made them has counted them.
@@ -206,6 +220,10 @@ impl Dispatcher {
             in_flight: Arc::default(),
             wake: Arc::new(Notify::new()),
             claimable: Notify::new(),
+            due: Arc::new(Notify::new()),
+            lanes: Arc::default(),
+            fan_out_turn: tokio::sync::Mutex::new(()),
+            last_store_claim: Mutex::new(std::time::Instant::now()),
             ahead: AtomicI64::new(0),
             unstarted: AtomicI64::new(0),
             claimed: Notify::new(),
@@ -226,31 +244,50 @@ impl Dispatcher {
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
         let (fanned, started) = self.fan_out_once().await?;
-        let claimed = self.claim_and_start().await?;
+        let claimed = self.claim_and_start(true).await?;
         Ok(PassReport {
             fanned_out: fanned.events(),
-            claimed: started + claimed,
+            claimed: started + claimed.total,
         })
     }
 
     /// Fan out one batch, starting at once the new deliveries the free slots take (no
-    /// claim round trip for them); returns the report and how many it started.
+    /// claim round trip for them), and queueing those the store leased behind lanes this
+    /// instance holds; returns the report and how many it started or queued.
     async fn fan_out_once(&self) -> Result<(FanOutReport, usize), StoreError> {
+        let _turn = self.fan_out_turn.lock().await;
         let table = self.table.current();
         let grant = self.claim_request().await;
-        let (report, started) = self
+        let room = self.queue_room();
+        let request = FanOutRequest {
+            limit: self.settings.batch_size,
+            max_event_bytes: self.settings.max_event_bytes,
+            queue_behind: u32::try_from(room).unwrap_or(u32::MAX),
+        };
+        let ticket = self.lanes.begin_fan_out();
+        let fanned = self
             .store
             .fan_out_starting(
-                &FanOutRequest {
-                    limit: self.settings.batch_size,
-                    max_event_bytes: self.settings.max_event_bytes,
-                },
+                &request,
                 grant.as_ref().map(|(request, _)| request),
                 &|head| table.router.plans_for(head),
             )
-            .await?;
+            .await;
+        let fanned = match fanned {
+            Ok((report, starts)) => {
+                let queued = starts.queued.len();
+                self.hold_queued(starts.queued).await;
+                Ok((report, starts.now, queued))
+            }
+            Err(err) => Err(err),
+        };
+        self.lanes.end_fan_out(ticket, self.settings.lease);
+        let (report, started, queued) = fanned?;
         crate::metrics::fanned_out(&report);
-        let waiting = report.deliveries.saturating_sub(started.len());
+        let waiting = report
+            .deliveries
+            .saturating_sub(started.len())
+            .saturating_sub(queued);
         if waiting > 0 {
             self.ahead
                 .fetch_add(count(waiting), AtomicOrdering::Relaxed);
@@ -258,18 +295,53 @@ impl Dispatcher {
                 .fetch_add(count(waiting), AtomicOrdering::Relaxed);
             self.claimable.notify_one();
         }
-        let started_count = started.len();
+        let started_count = started.len() + queued;
         if let Some((_, free)) = grant {
-            self.start(started, free).await;
+            if !started.is_empty() {
+                self.start(started, free).await;
+            }
         }
         Ok((report, started_count))
     }
 
+    /// How many more deliveries fan-out may queue behind lanes held here.
+    fn queue_room(&self) -> usize {
+        let most = self.settings.concurrency.max(1) * QUEUED_PER_SLOT;
+        most.saturating_sub(self.lanes.len())
+    }
+
+    /// Keep the deliveries fan-out queued, renewing their leases until they run.
+    async fn hold_queued(&self, queued: Vec<QueuedDelivery>) {
+        if queued.is_empty() {
+            return;
+        }
+        let mut effects = Effects::default();
+        {
+            let mut held = lock(&self.in_flight);
+            for queued in &queued {
+                held.insert(queued.delivery.delivery_id);
+            }
+        }
+        for QueuedDelivery { behind, delivery } in queued {
+            let more = self.lanes.queue(behind, delivery);
+            effects.release.extend(more.release);
+            effects.ready += more.ready;
+        }
+        apply_effects(
+            effects,
+            self.store.as_ref(),
+            &self.settings.instance_id,
+            &self.in_flight,
+            &self.due,
+        )
+        .await;
+    }
+
     /// What the free slots can take now, as a claim (with the slots counted); `None` when
-    /// every slot is busy.
+    /// every slot is busy and fan-out may queue nothing either.
     async fn claim_request(&self) -> Option<(ClaimRequest, usize)> {
         let free = self.slots.available_permits();
-        if free == 0 {
+        if free == 0 && self.queue_room() == 0 {
             return None;
         }
         let limit = (self.settings.batch_size as usize).min(free * DELIVERIES_PER_TASK);
@@ -286,22 +358,94 @@ impl Dispatcher {
         Some((request, free))
     }
 
-    /// Claim as many deliveries as the free slots take and start them; returns how many.
-    async fn claim_and_start(&self) -> Result<usize, StoreError> {
-        let Some((request, free)) = self.claim_request().await else {
-            return Ok(0);
+    /// Start what the free slots take: queued deliveries that became due, then claimed
+    /// ones; returns how many. Woken only because queued deliveries became due
+    /// (`for_store` false), the store is asked too only if fan-out left some unleased, or
+    /// once a poll interval (retries come due, other instances leave work): a claim
+    /// beside a queue that feeds the slots walks the due index past every queued lease
+    /// to find nothing.
+    async fn claim_and_start(&self, for_store: bool) -> Result<Started, StoreError> {
+        let Some((mut request, free)) = self.claim_request().await else {
+            return Ok(Started::default());
         };
-        let claimed = self.store.claim(&request).await?;
-        let started = claimed.len();
-        crate::metrics::claim_made(started);
-        if started > 0 {
+        if free == 0 {
+            return Ok(Started::default());
+        }
+        let ready = self.take_ready(&request).await;
+        let room = (request.limit as usize).saturating_sub(ready.len());
+        let ask_store =
+            for_store || self.unstarted.load(AtomicOrdering::Relaxed) > 0 || self.store_claim_due();
+        let mut leased = ready;
+        let mut claimed_count = 0;
+        if room > 0 && ask_store {
+            request.limit = u32::try_from(room).unwrap_or(u32::MAX);
+            let claimed = self.store.claim(&request).await?;
+            claimed_count = claimed.len();
+            self.count_claimed(claimed_count);
+            leased.extend(claimed);
+        }
+        let started = Started {
+            total: leased.len(),
+            claimed: claimed_count,
+        };
+        self.claimed.notify_one();
+        if started.total > 0 {
+            self.start(leased, free).await;
+        }
+        Ok(started)
+    }
+
+    /// Whether a poll interval has passed since the last claim from the store (and if so,
+    /// start the next interval).
+    fn store_claim_due(&self) -> bool {
+        let mut last = self
+            .last_store_claim
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.elapsed() < self.settings.poll_interval {
+            return false;
+        }
+        *last = std::time::Instant::now();
+        true
+    }
+
+    /// Queued deliveries now due, as many as `request` takes; those of a paused route
+    /// are given back instead, for a claim to take once the route resumes.
+    async fn take_ready(&self, request: &ClaimRequest) -> Vec<ClaimedDelivery> {
+        let ready = self.lanes.take_ready(request.limit as usize);
+        let (paused, ready): (Vec<_>, Vec<_>) = ready
+            .into_iter()
+            .partition(|d| request.paused_routes.contains(&d.route));
+        if !paused.is_empty() {
+            let mut effects = Effects::default();
+            for delivery in &paused {
+                let more = self.lanes.settle(delivery.delivery_id, Ended::Open);
+                effects.release.push(delivery.delivery_id);
+                effects.release.extend(more.release);
+            }
+            apply_effects(
+                effects,
+                self.store.as_ref(),
+                &self.settings.instance_id,
+                &self.in_flight,
+                &self.claimable,
+            )
+            .await;
+        }
+        ready
+    }
+
+    /// What a claim from the store found, against what fan-out counted as waiting.
+    fn count_claimed(&self, claimed: usize) {
+        crate::metrics::claim_made(claimed);
+        if claimed > 0 {
             self.ahead
-                .fetch_sub(count(started), AtomicOrdering::Relaxed);
+                .fetch_sub(count(claimed), AtomicOrdering::Relaxed);
             // Saturating: a claim also takes retries and other instances' deliveries.
             let _ = self.unstarted.fetch_update(
                 AtomicOrdering::Relaxed,
                 AtomicOrdering::Relaxed,
-                |unstarted| Some((unstarted - count(started)).max(0)),
+                |unstarted| Some((unstarted - count(claimed)).max(0)),
             );
         } else {
             // Nothing is due: whatever fan-out counted is claimed or blocked behind
@@ -313,9 +457,6 @@ impl Dispatcher {
                 self.unstarted.store(0, AtomicOrdering::Relaxed);
             }
         }
-        self.claimed.notify_one();
-        self.start(claimed, free).await;
-        Ok(started)
     }
 
     /// Run leased deliveries: spread them over the `free` slots; each task runs its share
@@ -336,6 +477,11 @@ impl Dispatcher {
                     .iter()
                     .map(|d| InFlight::enter(&self.in_flight, d.delivery_id))
                     .collect();
+                let unsettled = SettleOnPanic {
+                    lanes: self.lanes.clone(),
+                    in_flight: self.in_flight.clone(),
+                    ids: share.iter().map(|d| d.delivery_id).collect(),
+                };
                 let span = tracing::info_span!(
                     "deliveries",
                     route = %route,
@@ -346,6 +492,7 @@ impl Dispatcher {
                 tokio::spawn(
                     async move {
                         worker.deliver(share).await;
+                        unsettled.disarm();
                         drop(in_flight);
                         drop(permit);
                         task_done.notify_one();
@@ -380,6 +527,9 @@ impl Dispatcher {
             self.wait_idle().await;
             if self.pass().await?.is_idle() {
                 self.wait_idle().await;
+                // Nothing runs: whatever is still queued waits for a delivery no task here
+                // will end. Give it back for a claim.
+                self.give_back_queued().await;
                 return Ok(());
             }
         }
@@ -416,8 +566,12 @@ impl Dispatcher {
         &self,
         mut fan_out_done: watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
+        let mut for_store = true;
         loop {
-            if self.claim_and_start().await? > 0 {
+            let started = self.claim_and_start(for_store).await?;
+            if started.total > 0 {
+                // Ask the store again only while it had work.
+                for_store = started.claimed > 0;
                 self.wait_for_room().await;
                 continue;
             }
@@ -426,11 +580,20 @@ impl Dispatcher {
             if !fanning && self.is_idle() {
                 return Ok(());
             }
-            tokio::select! {
-                _ = self.claimable.notified() => {}
-                _ = self.task_done.notified() => self.gather_finished().await,
-                _ = fan_out_done.changed(), if fanning => {}
-            }
+            for_store = tokio::select! {
+                _ = self.claimable.notified() => true,
+                _ = self.due.notified() => {
+                    self.gather_finished().await;
+                    false
+                }
+                // While deliveries are queued here, what a finish made due is queued
+                // too, or counted as unstarted.
+                _ = self.task_done.notified() => {
+                    self.gather_finished().await;
+                    self.lanes.is_empty()
+                }
+                _ = fan_out_done.changed(), if fanning => true,
+            };
         }
     }
 
@@ -441,9 +604,9 @@ impl Dispatcher {
         let _ = tokio::time::timeout(GATHER_WINDOW, self.wait_for_room()).await;
     }
 
-    /// Whether no delivery is running.
+    /// Whether no delivery is running or queued here.
     fn is_idle(&self) -> bool {
-        self.slots.available_permits() >= self.settings.concurrency.max(1)
+        self.slots.available_permits() >= self.settings.concurrency.max(1) && self.lanes.is_empty()
     }
 
     /// Wait until a quarter of the slots are free: claiming for one free slot at a time
@@ -477,7 +640,11 @@ impl Dispatcher {
         let heartbeat = tokio::spawn(heartbeat(
             self.store.clone(),
             self.settings.clone(),
-            self.in_flight.clone(),
+            Held {
+                in_flight: self.in_flight.clone(),
+                lanes: self.lanes.clone(),
+                due: self.due.clone(),
+            },
             shutdown.clone(),
         ));
         tokio::join!(
@@ -524,9 +691,12 @@ impl Dispatcher {
     /// (the next event of its entity may be due then), or for the poll interval (retries
     /// come due on the store's clock; other instances' deliveries are found then too).
     async fn claim_loop(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut for_store = true;
         while running(&shutdown) {
-            match self.claim_and_start().await {
-                Ok(started) if started > 0 => {
+            match self.claim_and_start(for_store).await {
+                Ok(started) if started.total > 0 => {
+                    // Ask the store again only while it had work.
+                    for_store = started.claimed > 0;
                     tokio::select! {
                         _ = self.wait_for_room() => {}
                         _ = shutdown.changed() => {}
@@ -538,33 +708,58 @@ impl Dispatcher {
                     tracing::error!(%err, "claiming failed; retrying after the poll interval")
                 }
             }
-            self.wait_for_claimable(&mut shutdown).await;
+            for_store = self.wait_for_claimable(&mut shutdown).await;
         }
     }
 
-    /// Wait for a reason to claim: new deliveries, a finished one that may have made one
-    /// of this instance's unstarted deliveries due, the poll interval, or shutdown.
-    async fn wait_for_claimable(&self, shutdown: &mut watch::Receiver<bool>) {
+    /// Wait for a reason to claim: new deliveries, queued ones that became due, a
+    /// finished one that may have made one of this instance's unstarted deliveries due,
+    /// the poll interval, or shutdown. Returns whether the store should be asked (all
+    /// but queued deliveries becoming due).
+    async fn wait_for_claimable(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
         let poll_at = tokio::time::Instant::now() + self.settings.poll_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(poll_at) => return,
-                _ = self.claimable.notified() => return,
+                _ = tokio::time::sleep_until(poll_at) => return true,
+                _ = self.claimable.notified() => return true,
+                _ = self.due.notified() => {
+                    self.gather_finished().await;
+                    return false;
+                }
                 _ = self.task_done.notified() => {
                     if self.unstarted.load(AtomicOrdering::Relaxed) > 0 {
                         self.gather_finished().await;
-                        return;
+                        return true;
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return true,
             }
         }
     }
 
+    /// Give back the leases of every delivery queued here and not started.
+    async fn give_back_queued(&self) {
+        let release = self.lanes.take_all();
+        if release.is_empty() {
+            return;
+        }
+        let effects = Effects { release, ready: 0 };
+        apply_effects(
+            effects,
+            self.store.as_ref(),
+            &self.settings.instance_id,
+            &self.in_flight,
+            &self.due,
+        )
+        .await;
+    }
+
     /// Let running attempts finish and record their outcomes, up to the shutdown
     /// deadline; then give back the leases of those still running, so another instance
-    /// takes them at once instead of after the lease expires.
+    /// takes them at once instead of after the lease expires. Queued deliveries that
+    /// have not started are given back first: none starts after shutdown.
     async fn finish_in_flight(&self) {
+        self.give_back_queued().await;
         let deadline = self.settings.shutdown_deadline;
         if tokio::time::timeout(deadline, self.wait_idle())
             .await
@@ -596,8 +791,19 @@ impl Dispatcher {
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),
+            lanes: self.lanes.clone(),
+            in_flight: self.in_flight.clone(),
+            due: self.due.clone(),
         }
     }
+}
+
+/// What one round of the claim loop started.
+#[derive(Debug, Default, Clone, Copy)]
+struct Started {
+    total: usize,
+    /// Of those, claimed from the store (the rest were queued here).
+    claimed: usize,
 }
 
 /// Whether the dispatcher should go on: not told to stop, and whoever could tell it still
@@ -636,13 +842,21 @@ fn lock(set: &Mutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
     set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Every third of a lease: extend the leases of the deliveries still running here, so
-/// slow work is not taken over by another instance, and tell the store this instance is
-/// alive (for `herald instances`).
+/// What this instance holds leases on, for the heartbeat.
+struct Held {
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    lanes: Arc<LaneQueue>,
+    due: Arc<Notify>,
+}
+
+/// Every third of a lease: extend the leases of the deliveries still running or queued
+/// here, so slow work is not taken over by another instance, give back queued deliveries
+/// stranded behind one nothing here will end, and tell the store this instance is alive
+/// (for `herald instances`).
 async fn heartbeat(
     store: Arc<dyn EventStore>,
     settings: DispatchSettings,
-    in_flight: Arc<Mutex<HashSet<i64>>>,
+    held: Held,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let every = (settings.lease / 3).max(Duration::from_millis(100));
@@ -651,19 +865,91 @@ async fn heartbeat(
         if let Err(err) = store.heartbeat(&settings.instance_id, version).await {
             tracing::warn!(%err, "heartbeat failed");
         }
-        let running: Vec<i64> = lock(&in_flight).iter().copied().collect();
+        let running: HashSet<i64> = lock(&held.in_flight).clone();
+        let ids: Vec<i64> = running.iter().copied().collect();
         if let Err(err) = store
-            .renew_leases(&settings.instance_id, &running, settings.lease)
+            .renew_leases(&settings.instance_id, &ids, settings.lease)
             .await
         {
             tracing::warn!(%err, "could not renew leases; another instance may take over slow deliveries");
         }
+        let mut effects = Effects::default();
+        for behind in held.lanes.stranded(&running, every) {
+            tracing::warn!(
+                behind,
+                "deliveries queued behind one this instance does not run; giving them back"
+            );
+            effects
+                .release
+                .extend(held.lanes.settle(behind, Ended::Open).release);
+        }
+        apply_effects(
+            effects,
+            store.as_ref(),
+            &settings.instance_id,
+            &held.in_flight,
+            &held.due,
+        )
+        .await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
         if *shutdown.borrow() {
             return;
+        }
+    }
+}
+
+/// Carry out what a change of the lane queue asks: give leases back (they stop being
+/// renewed; if the store cannot take them back now they run out), wake the claim loop
+/// for what became due.
+async fn apply_effects(
+    effects: Effects,
+    store: &dyn EventStore,
+    owner: &str,
+    in_flight: &Mutex<HashSet<i64>>,
+    due: &Notify,
+) {
+    if !effects.release.is_empty() {
+        {
+            let mut held = lock(in_flight);
+            for id in &effects.release {
+                held.remove(id);
+            }
+        }
+        if let Err(err) = store.release(owner, &effects.release).await {
+            tracing::warn!(%err, count = effects.release.len(), "could not give back queued deliveries; their leases run out");
+        }
+    }
+    if effects.ready > 0 {
+        due.notify_one();
+    }
+}
+
+/// Settles a task's deliveries as left open if the task ends without settling them (a
+/// panic): what queued behind them is given back instead of waiting forever.
+struct SettleOnPanic {
+    lanes: Arc<LaneQueue>,
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    ids: Vec<i64>,
+}
+
+impl SettleOnPanic {
+    fn disarm(mut self) {
+        self.ids.clear();
+    }
+}
+
+impl Drop for SettleOnPanic {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            // No store here to give the leases back: they stop being renewed and run out.
+            let released = self.lanes.settle(id, Ended::Open).release;
+            let mut held = lock(&self.in_flight);
+            for id in released {
+                held.remove(&id);
+            }
         }
     }
 }
@@ -680,6 +966,9 @@ struct Worker {
     plugins: Arc<PluginRegistry>,
     runtime: Arc<PluginRuntime>,
     owner: String,
+    lanes: Arc<LaneQueue>,
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    due: Arc<Notify>,
 }
 
 impl Worker {
@@ -736,6 +1025,10 @@ impl Worker {
             .iter()
             .map(|c| c.outcome.attempt_outcome())
             .collect();
+        let closes: Vec<bool> = completions
+            .iter()
+            .map(|c| c.outcome.delivery_status() != DeliveryStatus::Retry)
+            .collect();
         let adds_events = completions
             .iter()
             .any(|c| !c.outcome.emitted().is_empty() || !c.host_events.is_empty());
@@ -743,6 +1036,8 @@ impl Worker {
         if adds_events && done.is_ok() {
             self.wake.notify_one();
         }
+        self.settle_lanes(&deliveries, &closes, done.as_deref().ok())
+            .await;
         match done {
             Ok(results) => {
                 for ((delivery, result), outcome) in deliveries.iter().zip(results).zip(outcomes) {
@@ -778,6 +1073,38 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Tell the lane queue how each delivery ended, so what queued behind it runs or is
+    /// given back. `results` is `None` when the outcomes could not be recorded.
+    async fn settle_lanes(
+        &self,
+        deliveries: &[ClaimedDelivery],
+        closes: &[bool],
+        results: Option<&[CompletionResult]>,
+    ) {
+        let mut effects = Effects::default();
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let recorded = results
+                .and_then(|results| results.get(index))
+                .is_some_and(|result| *result != CompletionResult::LeaseLost);
+            let ended = if recorded && closes.get(index).copied().unwrap_or(false) {
+                Ended::Closed
+            } else {
+                Ended::Open
+            };
+            let more = self.lanes.settle(delivery.delivery_id, ended);
+            effects.release.extend(more.release);
+            effects.ready += more.ready;
+        }
+        apply_effects(
+            effects,
+            self.store.as_ref(),
+            &self.owner,
+            &self.in_flight,
+            &self.due,
+        )
+        .await;
     }
 
     /// One outcome per delivery, in order.

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::fan_out::{settle_from_deliveries, Candidate, Disposition, RouteState};
 use super::{
     delivery_key, is_derived_key, ClaimRequest, ClaimedDelivery, Completion, DeliveryStatus, Event,
-    EventStatus, FanOutReport, LedgerEntry, Outcome, Router, StoreError, StoreResult,
+    EventStatus, FanOutReport, FanOutStarts, LedgerEntry, Outcome, QueuedDelivery, Router,
+    StoreError, StoreResult,
 };
 
 /// A delivery fan-out creates.
@@ -18,8 +19,11 @@ pub(crate) struct NewDelivery {
     pub entity_id: String,
     pub ordered: bool,
     pub idempotency_key: String,
-    /// Leased to the fan-out's caller on insert (attempt 1), to run at once.
+    /// Leased to the fan-out's caller on insert (attempt 1), to run at once, or once the
+    /// delivery it is `behind` closes.
     pub start: bool,
+    /// Set on a leased delivery that must wait for an earlier one of its lane.
+    pub behind: Option<Behind>,
     /// The event has a producer key: the ledger may know it from an earlier event.
     pub producer_keyed: bool,
 }
@@ -83,6 +87,7 @@ pub(crate) fn plan_fan_out(
                         entity_id: candidate.head.entity_id.clone(),
                         ordered: route.ordered,
                         start: false,
+                        behind: None,
                         producer_keyed: candidate.idempotency_key.is_some(),
                     });
                 }
@@ -127,6 +132,153 @@ pub(crate) fn mark_started(
             delivery.start = true;
         }
     }
+}
+
+/// The delivery a queued one waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Behind {
+    /// None: it is due, but more are due than the caller can start now.
+    Nothing,
+    /// Already stored (its id).
+    Stored(i64),
+    /// Earlier in this batch (its index).
+    InBatch(usize),
+}
+
+/// An ordered lane as stored, before the batch's first new delivery of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaneState {
+    /// No earlier delivery is open.
+    Free,
+    /// The fan-out's owner holds every earlier open delivery; the latest is this one.
+    Held(i64),
+    /// Someone else holds an earlier open delivery, or no one does yet.
+    Busy,
+}
+
+/// The ordered deliveries whose lane must be read before leasing (indexes into
+/// `deliveries`): an entity's first of the batch on each route that is not paused.
+pub(crate) fn lane_heads(deliveries: &[NewDelivery], paused_routes: &[String]) -> Vec<usize> {
+    let mut lanes: HashSet<(&str, &str, &str)> = HashSet::new();
+    deliveries
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.ordered && !paused_routes.contains(&d.route))
+        .filter(|(_, d)| lanes.insert((d.route.as_str(), d.entity_type.as_str(), &d.entity_id)))
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// Mark what fan-out leases: up to `grant.limit` deliveries due at once (unordered, or
+/// first of a free lane) to start now, and up to `queue_limit` more to queue: due ones
+/// beyond that limit, and those behind a delivery the owner holds on the same lane,
+/// stored (`lanes`, by index of the lane's first delivery) or leased earlier in this
+/// batch. A lane is left alone from its first delivery not leased on, so its order is
+/// kept by the claim that later takes that one.
+pub(crate) fn lease_new_deliveries(
+    deliveries: &mut [NewDelivery],
+    lanes: &HashMap<usize, LaneState>,
+    grant: &ClaimRequest,
+    queue_limit: u32,
+) {
+    let mut starts = usize::try_from(grant.limit).unwrap_or(usize::MAX);
+    let mut queue_room = usize::try_from(queue_limit).unwrap_or(usize::MAX);
+    // Each lane of the batch: the index of its last leased delivery, or `None` once one
+    // was not leased.
+    let mut tails: HashMap<(String, String, String), Option<usize>> = HashMap::new();
+    for index in 0..deliveries.len() {
+        let Some(delivery) = deliveries.get(index) else {
+            continue;
+        };
+        if grant.paused_routes.contains(&delivery.route) {
+            continue;
+        }
+        if !delivery.ordered {
+            if starts > 0 {
+                starts -= 1;
+                mark(deliveries, index, None);
+            } else if queue_room > 0 {
+                queue_room -= 1;
+                mark(deliveries, index, Some(Behind::Nothing));
+            }
+            continue;
+        }
+        let lane = (
+            delivery.route.clone(),
+            delivery.entity_type.clone(),
+            delivery.entity_id.clone(),
+        );
+        let behind = match tails.get(&lane) {
+            Some(Some(previous)) => Some(Some(Behind::InBatch(*previous))),
+            Some(None) => None,
+            None => match lanes.get(&index) {
+                Some(LaneState::Free) => Some(None),
+                Some(LaneState::Held(latest)) => Some(Some(Behind::Stored(*latest))),
+                Some(LaneState::Busy) | None => None,
+            },
+        };
+        let leased = match behind {
+            Some(None) if starts > 0 => {
+                starts -= 1;
+                mark(deliveries, index, None);
+                true
+            }
+            Some(None) if queue_room > 0 => {
+                queue_room -= 1;
+                mark(deliveries, index, Some(Behind::Nothing));
+                true
+            }
+            Some(Some(behind)) if queue_room > 0 => {
+                queue_room -= 1;
+                mark(deliveries, index, Some(behind));
+                true
+            }
+            _ => false,
+        };
+        tails.insert(lane, leased.then_some(index));
+    }
+}
+
+fn mark(deliveries: &mut [NewDelivery], index: usize, behind: Option<Behind>) {
+    if let Some(delivery) = deliveries.get_mut(index) {
+        delivery.start = true;
+        delivery.behind = behind;
+    }
+}
+
+/// The leased deliveries as fan-out returns them: due now, or queued behind another.
+pub(crate) fn fan_out_starts(
+    plan: &FanOutPlan,
+    ids: &HashMap<(i64, String), i64>,
+    ledger: &HashMap<(String, String), LedgerEntry>,
+) -> StoreResult<FanOutStarts> {
+    let leased = started_claims(plan, ids, ledger)?;
+    let mut starts = FanOutStarts::default();
+    let behinds = plan.deliveries.iter().filter(|d| d.start).map(|d| d.behind);
+    for (delivery, behind) in leased.into_iter().zip(behinds) {
+        let behind = match behind {
+            None => {
+                starts.now.push(delivery);
+                continue;
+            }
+            Some(Behind::Nothing) => None,
+            Some(Behind::Stored(id)) => Some(id),
+            Some(Behind::InBatch(index)) => plan
+                .deliveries
+                .get(index)
+                .and_then(|d| ids.get(&(d.event_id, d.route.clone())))
+                .copied()
+                .map(Some)
+                .ok_or_else(|| {
+                    StoreError::Invariant(format!(
+                        "fan-out queued a delivery of event {} behind one it did not lease",
+                        delivery.event.event_id
+                    ))
+                })?,
+        };
+        starts.queued.push(QueuedDelivery { behind, delivery });
+    }
+    Ok(starts)
 }
 
 /// Keep `start` only on the deliveries the insert did start (`ids`, by (event, route)).

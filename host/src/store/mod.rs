@@ -76,12 +76,16 @@ pub trait EventStore: Send + Sync {
     /// once (route not paused; on an ordered route, no earlier open delivery of the entity)
     /// to `start.owner` as their first attempt, up to `start.limit`, and return them to
     /// run now: one transaction instead of a fan-out and a claim.
+    ///
+    /// A store may also lease, up to `request.queue_behind`, new deliveries of ordered
+    /// lanes whose every earlier open delivery `start.owner` holds, each queued behind the
+    /// lane's latest: the owner runs it once that one closes, with no claim.
     async fn fan_out_starting(
         &self,
         request: &FanOutRequest,
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)>;
+    ) -> StoreResult<(FanOutReport, FanOutStarts)>;
 
     /// Lease due deliveries. A delivery on an ordered route is only due when no earlier
     /// event of the same entity still has an open delivery on that route.

@@ -350,14 +350,18 @@ pub struct FanOutRequest {
     /// An event whose `event_data` or `headers` text is longer than this (in bytes) is
     /// DEAD, without its payload being read or handed to a plugin.
     pub max_event_bytes: u64,
+    /// With a start grant: how many new deliveries fan-out may lease behind deliveries
+    /// the grant's owner already holds on the same lane ([`FanOutStarts::queued`]).
+    pub queue_behind: u32,
 }
 
 impl FanOutRequest {
-    /// Up to `limit` events, with the default size limit.
+    /// Up to `limit` events, with the default size limit, queueing none.
     pub fn new(limit: u32) -> Self {
         FanOutRequest {
             limit,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            queue_behind: 0,
         }
     }
 
@@ -401,6 +405,25 @@ pub struct ClaimedDelivery {
     /// happened and must not happen again.
     pub already_completed: Option<LedgerEntry>,
     pub event: Event,
+}
+
+/// The deliveries a fan-out leased to the owner of its start grant.
+#[derive(Debug, Default)]
+pub struct FanOutStarts {
+    /// Due at once: no earlier delivery of their lane is open.
+    pub now: Vec<ClaimedDelivery>,
+    /// More than the caller could start now: due at once, or each behind an open
+    /// delivery the owner already holds on the same ordered lane (in lane order), due
+    /// when that one closes and to be given back if it does not.
+    pub queued: Vec<QueuedDelivery>,
+}
+
+/// A delivery leased at fan-out behind another of its lane that the same owner holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedDelivery {
+    /// The lane's delivery just before this one; `None`: due now.
+    pub behind: Option<i64>,
+    pub delivery: ClaimedDelivery,
 }
 
 /// The verdict of one attempt, as the store records it.

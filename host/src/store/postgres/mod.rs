@@ -22,12 +22,12 @@ use sqlx::{Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use plans::{
-    CLOSE_DELIVERIES, EVENTS_DELIVERIES, INSERT_DELIVERIES, INSERT_EVENT, KEY_HOLDERS,
+    CLOSE_DELIVERIES, EVENTS_DELIVERIES, INSERT_DELIVERIES, INSERT_EVENT, KEY_HOLDERS, LANE_STATES,
     LOCK_DELIVERIES, LOCK_EVENTS, LOG_ATTEMPTS, PLAN_ONCE, RECORD_KEYS, SETTLE_EVENTS,
     STARTED_LEDGER, TAKE_NEW_EVENTS,
 };
 
-use super::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
+use super::batch::{self, DeliveryUpdate, LaneState, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
 use super::fan_out::Candidate;
 use super::filters::{push_delivery_filter, push_event_filter};
@@ -35,8 +35,8 @@ use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
-    FanOutRequest, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection, Router,
-    StoreError, StoreResult,
+    FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection,
+    Router, StoreError, StoreResult,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -216,6 +216,49 @@ async fn insert_deliveries(
     Ok(started
         .into_iter()
         .map(|(delivery_id, event_id, route)| ((event_id, route), delivery_id))
+        .collect())
+}
+
+/// The stored state of each lane whose first new delivery is at `heads` (indexes into
+/// `deliveries`), as `owner` may lease behind it.
+async fn lane_states(
+    conn: &mut PgConnection,
+    deliveries: &[NewDelivery],
+    heads: &[usize],
+    owner: &str,
+) -> StoreResult<HashMap<usize, LaneState>> {
+    let firsts: Vec<&NewDelivery> = heads.iter().filter_map(|&i| deliveries.get(i)).collect();
+    if firsts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let column = |f: fn(&NewDelivery) -> &str| firsts.iter().map(|d| f(d)).collect::<Vec<_>>();
+    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(LANE_STATES)
+        .bind(firsts.iter().map(|d| d.event_id).collect::<Vec<_>>())
+        .bind(column(|d| &d.route))
+        .bind(column(|d| &d.entity_type))
+        .bind(column(|d| &d.entity_id))
+        .bind(owner)
+        .fetch_all(conn)
+        .await
+        .doing("reading the lanes of new deliveries")?;
+    if rows.len() != firsts.len() {
+        return Err(StoreError::Invariant(format!(
+            "the lanes of {} new deliveries read as {} rows",
+            firsts.len(),
+            rows.len()
+        )));
+    }
+    Ok(heads
+        .iter()
+        .zip(rows)
+        .map(|(&index, (open, held, latest))| {
+            let state = match latest {
+                _ if open == 0 => LaneState::Free,
+                Some(latest) if held == open => LaneState::Held(latest),
+                _ => LaneState::Busy,
+            };
+            (index, state)
+        })
         .collect())
 }
 
@@ -524,7 +567,7 @@ impl EventStore for PostgresStore {
         request: &FanOutRequest,
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
+    ) -> StoreResult<(FanOutReport, FanOutStarts)> {
         let mut tx = self
             .lease_pool
             .begin_with(PLAN_ONCE)
@@ -532,27 +575,22 @@ impl EventStore for PostgresStore {
             .doing("starting fan-out")?;
         let candidates = take_candidates(&mut tx, request).await?;
         if candidates.is_empty() {
-            return Ok((FanOutReport::default(), Vec::new()));
+            return Ok((FanOutReport::default(), FanOutStarts::default()));
         }
         let holders = key_holders(&mut tx, &candidates).await?;
         let mut plan = batch::plan_fan_out(candidates, &holders, router);
-        if let Some(grant) = start.filter(|grant| grant.limit > 0) {
-            // The lanes' open deliveries are checked by the insert itself.
-            let startable = batch::start_candidates(&plan.deliveries, grant);
-            batch::mark_started(
-                &mut plan.deliveries,
-                &startable,
-                &HashSet::new(),
-                grant.limit,
-            );
+        if let Some(grant) = start.filter(|grant| grant.limit > 0 || request.queue_behind > 0) {
+            let heads = batch::lane_heads(&plan.deliveries, &grant.paused_routes);
+            let lanes = lane_states(&mut tx, &plan.deliveries, &heads, &grant.owner).await?;
+            batch::lease_new_deliveries(&mut plan.deliveries, &lanes, grant, request.queue_behind);
         }
         let ids = insert_deliveries(&mut tx, &plan.deliveries, start).await?;
         batch::confirm_started(&mut plan.deliveries, &ids);
         let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
         apply_settlements(&mut tx, &plan.settlements).await?;
         tx.commit().await.doing("committing fan-out")?;
-        let started = batch::started_claims(&plan, &ids, &ledger)?;
-        Ok((plan.report, started))
+        let starts = batch::fan_out_starts(&plan, &ids, &ledger)?;
+        Ok((plan.report, starts))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {

@@ -68,23 +68,34 @@ pub const KEY_HOLDERS: &str =
        ORDER BY o.event_id + 0 LIMIT 1) \
      FROM UNNEST($1::bigint[], $2::text[]) AS c(id, key)";
 
-/// Fan-out: insert the deliveries, leasing those to start unless an earlier delivery of
-/// their lane is open. The lane check is one probe of the lane index per delivery;
-/// `OFFSET 0` keeps it from being copied into, and run by, each column that uses it.
+/// Fan-out: what each ordered lane holds before the batch's first new delivery of it
+/// (`lane_states`): how many earlier deliveries are open, how many of those the fan-out's
+/// owner holds under a live lease, and the latest of them. One probe of the lane index
+/// per lane; the aggregate gives a row for every lane, an empty one too.
+pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest \
+     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
+       AS u(event_id, route, entity_type, entity_id, n) \
+     CROSS JOIN LATERAL (SELECT count(*) AS open_before, \
+         count(*) FILTER (WHERE p.locked_by = $5 AND p.locked_until > now()) AS held_before, \
+         (array_agg(p.delivery_id ORDER BY p.event_id DESC))[1] AS latest \
+       FROM herald_deliveries p WHERE p.route = u.route \
+         AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
+         AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY')) AS h \
+     ORDER BY u.n";
+
+/// Fan-out: insert the deliveries, leasing those marked to start (decided from
+/// [`LANE_STATES`]; fan-out runs under its advisory lock, so no other fan-out adds to a
+/// lane in between, and a claim only leases a lane's head).
 pub const INSERT_DELIVERIES: &str = "WITH created AS (\
        INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
          idempotency_key, locked_by, locked_until, attempts) \
        SELECT event_id, route, entity_type, entity_id, ordered, key, \
-         CASE WHEN go THEN $8 END, \
-         CASE WHEN go THEN now() + make_interval(secs => $9) END, \
-         CASE WHEN go THEN 1 ELSE 0 END \
-       FROM (SELECT u.*, u.start AND (NOT u.ordered OR NOT EXISTS (\
-           SELECT 1 FROM herald_deliveries p WHERE p.route = u.route \
-           AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
-           AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY'))) AS go \
-         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+         CASE WHEN start THEN $8 END, \
+         CASE WHEN start THEN now() + make_interval(secs => $9) END, \
+         CASE WHEN start THEN 1 ELSE 0 END \
+       FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
            $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
-           ordered, key, start) OFFSET 0) AS u \
+           ordered, key, start) \
        RETURNING delivery_id, event_id, route, locked_by IS NOT NULL AS started) \
      SELECT delivery_id, event_id, route FROM created WHERE started";
 
@@ -213,6 +224,7 @@ pub const PLANNED_ONCE: &[(&str, &str)] = &[
     ("insert_event", INSERT_EVENT),
     ("take_new_events", TAKE_NEW_EVENTS),
     ("key_holders", KEY_HOLDERS),
+    ("lane_states", LANE_STATES),
     ("insert_deliveries", INSERT_DELIVERIES),
     ("started_ledger", STARTED_LEDGER),
     ("settle_events", SETTLE_EVENTS),

@@ -27,7 +27,8 @@ use super::time::{from_sqlite_text, sqlite_offset, sqlite_offset_back, SQLITE_NO
 use super::{
     Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, Delivery,
     DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport, FanOutRequest,
-    Instance, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router, StoreError, StoreResult,
+    FanOutStarts, Instance, NewEvent, OpenOptions, Quarantine, RedriveSelection, Router,
+    StoreError, StoreResult,
 };
 use watch::NewEventWatch;
 use writer::Writer;
@@ -175,8 +176,16 @@ impl EventStore for SqliteStore {
         request: &FanOutRequest,
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
-    ) -> StoreResult<(FanOutReport, Vec<ClaimedDelivery>)> {
-        self.writer.fan_out_starting(request, start, router).await
+    ) -> StoreResult<(FanOutReport, FanOutStarts)> {
+        // One writer makes a claim cheap here; SQLite queues nothing behind held lanes.
+        let (report, now) = self.writer.fan_out_starting(request, start, router).await?;
+        Ok((
+            report,
+            FanOutStarts {
+                now,
+                queued: Vec::new(),
+            },
+        ))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
