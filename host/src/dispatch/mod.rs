@@ -1,8 +1,10 @@
 //! Dispatch: fan new events out to routes, lease due deliveries, run each in its route's
 //! plugin, and record the outcome, with the route's retry policy applied.
 //!
-//! Per-entity order needs nothing here: the store only hands out the earliest open
-//! delivery of an entity on an ordered route, so every claimed delivery may run at once.
+//! Per-entity order needs nothing here for claimed deliveries: the store only hands out
+//! the earliest open delivery of an entity on an ordered route, so every claimed delivery
+//! may run at once. Deliveries fan-out leased behind a lane this instance holds wait in
+//! [`lane_queue`] until the one before them closes.
 
 mod lane_queue;
 mod outcome;
@@ -165,7 +167,8 @@ pub struct Dispatcher {
     runtime: Arc<PluginRuntime>,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
-    /// Deliveries this instance is running, whose leases the heartbeat renews.
+    /// Deliveries this instance is running or has queued, whose leases the heartbeat
+    /// renews.
     in_flight: Arc<Mutex<HashSet<i64>>>,
     wake: Arc<Notify>,
     /// Fan-out created deliveries it did not lease.
@@ -188,7 +191,7 @@ pub struct Dispatcher {
     /// does not claim for it: at a low rate, where fan-out starts every delivery itself,
     /// that claim found nothing every time (300 empty claims a second at 1,000 events/s,
     /// each planned and run by Postgres for nothing).
-    unstarted: AtomicI64,
+    unstarted: Arc<AtomicI64>,
     /// A claim started deliveries.
     claimed: Notify,
     /// A delivery task finished (its outcomes are recorded).
@@ -225,7 +228,7 @@ impl Dispatcher {
             fan_out_turn: tokio::sync::Mutex::new(()),
             last_store_claim: Mutex::new(std::time::Instant::now()),
             ahead: AtomicI64::new(0),
-            unstarted: AtomicI64::new(0),
+            unstarted: Arc::default(),
             claimed: Notify::new(),
             task_done: Arc::new(Notify::new()),
         }
@@ -327,14 +330,7 @@ impl Dispatcher {
             effects.release.extend(more.release);
             effects.ready += more.ready;
         }
-        apply_effects(
-            effects,
-            self.store.as_ref(),
-            &self.settings.instance_id,
-            &self.in_flight,
-            &self.due,
-        )
-        .await;
+        self.queue_handle().apply(effects).await;
     }
 
     /// What the free slots can take now, as a claim (with the slots counted); `None` when
@@ -423,14 +419,7 @@ impl Dispatcher {
                 effects.release.push(delivery.delivery_id);
                 effects.release.extend(more.release);
             }
-            apply_effects(
-                effects,
-                self.store.as_ref(),
-                &self.settings.instance_id,
-                &self.in_flight,
-                &self.claimable,
-            )
-            .await;
+            self.queue_handle().apply(effects).await;
         }
         ready
     }
@@ -462,7 +451,7 @@ impl Dispatcher {
     /// Run leased deliveries: spread them over the `free` slots; each task runs its share
     /// in one plugin instance after another, which is what makes a call cheap.
     async fn start(&self, leased: Vec<ClaimedDelivery>, free: usize) {
-        let per_task = leased.len().div_ceil(free).max(1);
+        let per_task = leased.len().div_ceil(free.max(1)).max(1);
         for (route, deliveries) in by_route(leased) {
             crate::metrics::claimed(&route, deliveries.len());
             let mut deliveries = deliveries.into_iter().peekable();
@@ -478,8 +467,7 @@ impl Dispatcher {
                     .map(|d| InFlight::enter(&self.in_flight, d.delivery_id))
                     .collect();
                 let unsettled = SettleOnPanic {
-                    lanes: self.lanes.clone(),
-                    in_flight: self.in_flight.clone(),
+                    queue: self.queue_handle(),
                     ids: share.iter().map(|d| d.delivery_id).collect(),
                 };
                 let span = tracing::info_span!(
@@ -638,13 +626,8 @@ impl Dispatcher {
             }
         }
         let heartbeat = tokio::spawn(heartbeat(
-            self.store.clone(),
             self.settings.clone(),
-            Held {
-                in_flight: self.in_flight.clone(),
-                lanes: self.lanes.clone(),
-                due: self.due.clone(),
-            },
+            self.queue_handle(),
             shutdown.clone(),
         ));
         tokio::join!(
@@ -744,14 +727,7 @@ impl Dispatcher {
             return;
         }
         let effects = Effects { release, ready: 0 };
-        apply_effects(
-            effects,
-            self.store.as_ref(),
-            &self.settings.instance_id,
-            &self.in_flight,
-            &self.due,
-        )
-        .await;
+        self.queue_handle().apply(effects).await;
     }
 
     /// Let running attempts finish and record their outcomes, up to the shutdown
@@ -781,6 +757,17 @@ impl Dispatcher {
         }
     }
 
+    fn queue_handle(&self) -> QueueHandle {
+        QueueHandle {
+            lanes: self.lanes.clone(),
+            in_flight: self.in_flight.clone(),
+            due: self.due.clone(),
+            unstarted: self.unstarted.clone(),
+            store: self.store.clone(),
+            owner: self.settings.instance_id.clone(),
+        }
+    }
+
     fn worker(&self) -> Worker {
         Worker {
             store: self.store.clone(),
@@ -791,9 +778,7 @@ impl Dispatcher {
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),
-            lanes: self.lanes.clone(),
-            in_flight: self.in_flight.clone(),
-            due: self.due.clone(),
+            queue: self.queue_handle(),
         }
     }
 }
@@ -842,30 +827,23 @@ fn lock(set: &Mutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
     set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What this instance holds leases on, for the heartbeat.
-struct Held {
-    in_flight: Arc<Mutex<HashSet<i64>>>,
-    lanes: Arc<LaneQueue>,
-    due: Arc<Notify>,
-}
-
 /// Every third of a lease: extend the leases of the deliveries still running or queued
 /// here, so slow work is not taken over by another instance, give back queued deliveries
 /// stranded behind one nothing here will end, and tell the store this instance is alive
 /// (for `herald instances`).
 async fn heartbeat(
-    store: Arc<dyn EventStore>,
     settings: DispatchSettings,
-    held: Held,
+    queue: QueueHandle,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let store = queue.store.clone();
     let every = (settings.lease / 3).max(Duration::from_millis(100));
     let version = env!("CARGO_PKG_VERSION");
     loop {
         if let Err(err) = store.heartbeat(&settings.instance_id, version).await {
             tracing::warn!(%err, "heartbeat failed");
         }
-        let running: HashSet<i64> = lock(&held.in_flight).clone();
+        let running: HashSet<i64> = lock(&queue.in_flight).clone();
         let ids: Vec<i64> = running.iter().copied().collect();
         if let Err(err) = store
             .renew_leases(&settings.instance_id, &ids, settings.lease)
@@ -874,23 +852,16 @@ async fn heartbeat(
             tracing::warn!(%err, "could not renew leases; another instance may take over slow deliveries");
         }
         let mut effects = Effects::default();
-        for behind in held.lanes.stranded(&running, every) {
+        for behind in queue.lanes.stranded(&running, every) {
             tracing::warn!(
                 behind,
                 "deliveries queued behind one this instance does not run; giving them back"
             );
             effects
                 .release
-                .extend(held.lanes.settle(behind, Ended::Open).release);
+                .extend(queue.lanes.settle(behind, Ended::Open).release);
         }
-        apply_effects(
-            effects,
-            store.as_ref(),
-            &settings.instance_id,
-            &held.in_flight,
-            &held.due,
-        )
-        .await;
+        queue.apply(effects).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
@@ -901,37 +872,48 @@ async fn heartbeat(
     }
 }
 
-/// Carry out what a change of the lane queue asks: give leases back (they stop being
-/// renewed; if the store cannot take them back now they run out), wake the claim loop
-/// for what became due.
-async fn apply_effects(
-    effects: Effects,
-    store: &dyn EventStore,
-    owner: &str,
-    in_flight: &Mutex<HashSet<i64>>,
-    due: &Notify,
-) {
-    if !effects.release.is_empty() {
-        {
-            let mut held = lock(in_flight);
-            for id in &effects.release {
-                held.remove(id);
+/// What a change of the lane queue acts on: shared by the dispatcher, its tasks and the
+/// heartbeat.
+#[derive(Clone)]
+struct QueueHandle {
+    lanes: Arc<LaneQueue>,
+    /// Leases this instance holds (running or queued), which the heartbeat renews.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    due: Arc<Notify>,
+    unstarted: Arc<AtomicI64>,
+    store: Arc<dyn EventStore>,
+    owner: String,
+}
+
+impl QueueHandle {
+    /// Carry out what a change of the lane queue asks: give leases back (they stop being
+    /// renewed, and if the store cannot take them back now they run out; either way a
+    /// claim takes them later, so they count as unstarted), and wake the claim loop for
+    /// what became due.
+    async fn apply(&self, effects: Effects) {
+        if !effects.release.is_empty() {
+            {
+                let mut held = lock(&self.in_flight);
+                for id in &effects.release {
+                    held.remove(id);
+                }
+            }
+            self.unstarted
+                .fetch_add(count(effects.release.len()), AtomicOrdering::Relaxed);
+            if let Err(err) = self.store.release(&self.owner, &effects.release).await {
+                tracing::warn!(%err, count = effects.release.len(), "could not give back queued deliveries; their leases run out");
             }
         }
-        if let Err(err) = store.release(owner, &effects.release).await {
-            tracing::warn!(%err, count = effects.release.len(), "could not give back queued deliveries; their leases run out");
+        if effects.ready > 0 {
+            self.due.notify_one();
         }
-    }
-    if effects.ready > 0 {
-        due.notify_one();
     }
 }
 
 /// Settles a task's deliveries as left open if the task ends without settling them (a
 /// panic): what queued behind them is given back instead of waiting forever.
 struct SettleOnPanic {
-    lanes: Arc<LaneQueue>,
-    in_flight: Arc<Mutex<HashSet<i64>>>,
+    queue: QueueHandle,
     ids: Vec<i64>,
 }
 
@@ -944,9 +926,12 @@ impl SettleOnPanic {
 impl Drop for SettleOnPanic {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
-            // No store here to give the leases back: they stop being renewed and run out.
-            let released = self.lanes.settle(id, Ended::Open).release;
-            let mut held = lock(&self.in_flight);
+            // No await here to give the leases back: they stop being renewed and run out.
+            let released = self.queue.lanes.settle(id, Ended::Open).release;
+            self.queue
+                .unstarted
+                .fetch_add(count(released.len()), AtomicOrdering::Relaxed);
+            let mut held = lock(&self.queue.in_flight);
             for id in released {
                 held.remove(&id);
             }
@@ -966,9 +951,7 @@ struct Worker {
     plugins: Arc<PluginRegistry>,
     runtime: Arc<PluginRuntime>,
     owner: String,
-    lanes: Arc<LaneQueue>,
-    in_flight: Arc<Mutex<HashSet<i64>>>,
-    due: Arc<Notify>,
+    queue: QueueHandle,
 }
 
 impl Worker {
@@ -1093,18 +1076,11 @@ impl Worker {
             } else {
                 Ended::Open
             };
-            let more = self.lanes.settle(delivery.delivery_id, ended);
+            let more = self.queue.lanes.settle(delivery.delivery_id, ended);
             effects.release.extend(more.release);
             effects.ready += more.ready;
         }
-        apply_effects(
-            effects,
-            self.store.as_ref(),
-            &self.owner,
-            &self.in_flight,
-            &self.due,
-        )
-        .await;
+        self.queue.apply(effects).await;
     }
 
     /// One outcome per delivery, in order.

@@ -419,3 +419,86 @@ pub(crate) fn resettle(states: Vec<DeliveryState>) -> Vec<Settlement> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_delivery(event_id: i64, route: &str, entity: &str, ordered: bool) -> NewDelivery {
+        NewDelivery {
+            event_id,
+            route: route.into(),
+            entity_type: "order".into(),
+            entity_id: entity.into(),
+            ordered,
+            idempotency_key: format!("herald-{event_id}-{route}"),
+            start: false,
+            behind: None,
+            producer_keyed: false,
+        }
+    }
+
+    fn grant(limit: u32, paused: &[&str]) -> ClaimRequest {
+        ClaimRequest {
+            owner: "alpha".into(),
+            limit,
+            lease: Duration::from_secs(60),
+            paused_routes: paused.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn leases(deliveries: &[NewDelivery]) -> Vec<(i64, Option<Behind>)> {
+        deliveries
+            .iter()
+            .filter(|d| d.start)
+            .map(|d| (d.event_id, d.behind))
+            .collect()
+    }
+
+    #[test]
+    fn a_lane_is_leased_in_order_until_its_first_delivery_that_is_not() {
+        let mut deliveries = vec![
+            new_delivery(1, "orders", "A", true),
+            new_delivery(2, "orders", "B", true),
+            new_delivery(3, "orders", "A", true),
+            new_delivery(4, "orders", "C", true),
+            new_delivery(5, "orders", "C", true),
+            new_delivery(6, "orders", "D", true),
+            new_delivery(7, "orders", "D", true),
+        ];
+        assert_eq!(lane_heads(&deliveries, &[]), vec![0, 1, 3, 5]);
+        let lanes = HashMap::from([
+            (0, LaneState::Free),
+            (1, LaneState::Held(40)),
+            (3, LaneState::Busy),
+            (5, LaneState::Free),
+        ]);
+        // One start: A's first; then room to queue three.
+        lease_new_deliveries(&mut deliveries, &lanes, &grant(1, &[]), 3);
+        assert_eq!(
+            leases(&deliveries),
+            vec![
+                (1, None),
+                (2, Some(Behind::Stored(40))),
+                (3, Some(Behind::InBatch(0))),
+                (6, Some(Behind::Nothing)),
+            ],
+            "C waits behind someone else; D's first is due but past the start limit, \
+             and its second is past the room"
+        );
+    }
+
+    #[test]
+    fn paused_routes_and_a_spent_room_lease_nothing() {
+        let mut deliveries = vec![
+            new_delivery(1, "paused", "A", true),
+            new_delivery(2, "bulk", "A", false),
+            new_delivery(3, "bulk", "B", false),
+            new_delivery(4, "orders", "A", true),
+        ];
+        assert_eq!(lane_heads(&deliveries, &["paused".to_string()]), vec![3]);
+        let lanes = HashMap::from([(3, LaneState::Held(9))]);
+        lease_new_deliveries(&mut deliveries, &lanes, &grant(1, &["paused"]), 0);
+        assert_eq!(leases(&deliveries), vec![(2, None)]);
+    }
+}
