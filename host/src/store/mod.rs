@@ -77,9 +77,10 @@ pub trait EventStore: Send + Sync {
     /// to `start.owner` as their first attempt, up to `start.limit`, and return them to
     /// run now: one transaction instead of a fan-out and a claim.
     ///
-    /// A store may also lease, up to `request.queue_behind`, new deliveries of ordered
-    /// lanes whose every earlier open delivery `start.owner` holds, each queued behind the
-    /// lane's latest: the owner runs it once that one closes, with no claim.
+    /// A store may also lease, up to `request.queue_behind`, more to queue: due ones
+    /// beyond `start.limit`, and new deliveries of ordered lanes whose every earlier open
+    /// delivery `start.owner` holds, each behind the lane's latest: the owner runs it once
+    /// that one closes, with no claim.
     async fn fan_out_starting(
         &self,
         request: &FanOutRequest,

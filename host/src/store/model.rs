@@ -350,8 +350,8 @@ pub struct FanOutRequest {
     /// An event whose `event_data` or `headers` text is longer than this (in bytes) is
     /// DEAD, without its payload being read or handed to a plugin.
     pub max_event_bytes: u64,
-    /// With a start grant: how many new deliveries fan-out may lease behind deliveries
-    /// the grant's owner already holds on the same lane ([`FanOutStarts::queued`]).
+    /// With a start grant: how many new deliveries fan-out may lease for the grant's
+    /// owner to queue ([`FanOutStarts::queued`]), beyond those it starts at once.
     pub queue_behind: u32,
 }
 
