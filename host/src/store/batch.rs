@@ -157,15 +157,11 @@ pub(crate) enum LaneState {
 }
 
 /// The ordered deliveries whose lane must be read before leasing (indexes into
-/// `deliveries`): an entity's first of the batch on each route that is not paused.
-pub(crate) fn lane_heads(deliveries: &[NewDelivery], paused_routes: &[String]) -> Vec<usize> {
-    let mut lanes: HashSet<(&str, &str, &str)> = HashSet::new();
-    deliveries
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| d.ordered && !paused_routes.contains(&d.route))
-        .filter(|(_, d)| lanes.insert((d.route.as_str(), d.entity_type.as_str(), &d.entity_id)))
-        .map(|(index, _)| index)
+/// `deliveries`): the ordered ones among [`start_candidates`].
+pub(crate) fn lane_heads(deliveries: &[NewDelivery], grant: &ClaimRequest) -> Vec<usize> {
+    start_candidates(deliveries, grant)
+        .into_iter()
+        .filter(|&index| deliveries.get(index).is_some_and(|d| d.ordered))
         .collect()
 }
 
@@ -466,7 +462,7 @@ mod tests {
             new_delivery(6, "orders", "D", true),
             new_delivery(7, "orders", "D", true),
         ];
-        assert_eq!(lane_heads(&deliveries, &[]), vec![0, 1, 3, 5]);
+        assert_eq!(lane_heads(&deliveries, &grant(1, &[])), vec![0, 1, 3, 5]);
         let lanes = HashMap::from([
             (0, LaneState::Free),
             (1, LaneState::Held(40)),
@@ -496,7 +492,7 @@ mod tests {
             new_delivery(3, "bulk", "B", false),
             new_delivery(4, "orders", "A", true),
         ];
-        assert_eq!(lane_heads(&deliveries, &["paused".to_string()]), vec![3]);
+        assert_eq!(lane_heads(&deliveries, &grant(1, &["paused"])), vec![3]);
         let lanes = HashMap::from([(3, LaneState::Held(9))]);
         lease_new_deliveries(&mut deliveries, &lanes, &grant(1, &["paused"]), 0);
         assert_eq!(leases(&deliveries), vec![(2, None)]);

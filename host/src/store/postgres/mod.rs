@@ -580,7 +580,7 @@ impl EventStore for PostgresStore {
         let holders = key_holders(&mut tx, &candidates).await?;
         let mut plan = batch::plan_fan_out(candidates, &holders, router);
         if let Some(grant) = start.filter(|grant| grant.limit > 0 || request.queue_behind > 0) {
-            let heads = batch::lane_heads(&plan.deliveries, &grant.paused_routes);
+            let heads = batch::lane_heads(&plan.deliveries, grant);
             let lanes = lane_states(&mut tx, &plan.deliveries, &heads, &grant.owner).await?;
             batch::lease_new_deliveries(&mut plan.deliveries, &lanes, grant, request.queue_behind);
         }
