@@ -31,6 +31,13 @@ pub struct Effects {
     pub ready: usize,
 }
 
+impl Effects {
+    pub fn add(&mut self, more: Effects) {
+        self.release.extend(more.release);
+        self.ready += more.ready;
+    }
+}
+
 #[derive(Default)]
 pub struct LaneQueue {
     state: Mutex<State>,
@@ -117,6 +124,13 @@ impl LaneQueue {
                 Ended::Open => state.give_back(next.delivery.delivery_id, &mut effects),
             }
         }
+        effects
+    }
+
+    /// Give back `id`, a delivery held here that will not run, and what queued behind it.
+    pub fn give_back(&self, id: i64) -> Effects {
+        let mut effects = Effects::default();
+        self.lock().give_back(id, &mut effects);
         effects
     }
 

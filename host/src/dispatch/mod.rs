@@ -167,16 +167,12 @@ pub struct Dispatcher {
     runtime: Arc<PluginRuntime>,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
-    /// Deliveries this instance is running or has queued, whose leases the heartbeat
-    /// renews.
-    in_flight: Arc<Mutex<HashSet<i64>>>,
     wake: Arc<Notify>,
     /// Fan-out created deliveries it did not lease.
     claimable: Notify,
-    /// Queued deliveries became due.
-    due: Arc<Notify>,
-    /// Deliveries leased at fan-out behind lanes this instance holds.
-    lanes: Arc<LaneQueue>,
+    /// Deliveries leased at fan-out behind lanes this instance holds, with the leases
+    /// this instance holds and what fan-out left unstarted.
+    queue: QueueHandle,
     /// Fan-outs run one at a time (what [`LaneQueue`] relies on to forget endings).
     fan_out_turn: tokio::sync::Mutex<()>,
     /// When the claim loop last asked the store while deliveries were queued here.
@@ -185,13 +181,6 @@ pub struct Dispatcher {
     /// what is waiting to be claimed. Signed, because a claim may take deliveries before
     /// the fan-out that made them has counted them.
     ahead: AtomicI64,
-    /// Deliveries this instance fanned out without starting them (their lane was busy, or
-    /// no slot was free) and has not claimed since. While there are none, a finished
-    /// delivery cannot have made anything of this instance's due, and the claim loop
-    /// does not claim for it: at a low rate, where fan-out starts every delivery itself,
-    /// that claim found nothing every time (300 empty claims a second at 1,000 events/s,
-    /// each planned and run by Postgres for nothing).
-    unstarted: Arc<AtomicI64>,
     /// A claim started deliveries.
     claimed: Notify,
     /// A delivery task finished (its outcomes are recorded).
@@ -211,6 +200,14 @@ impl Dispatcher {
         let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         // Before the first delivery, so no count is lost to the no-op recorder.
         crate::metrics::install();
+        let queue = QueueHandle {
+            lanes: Arc::default(),
+            in_flight: Arc::default(),
+            due: Arc::new(Notify::new()),
+            unstarted: Arc::default(),
+            store: store.clone(),
+            owner: settings.instance_id.clone(),
+        };
         Dispatcher {
             quarantines: Arc::new(Quarantines::new(settings.quarantine_after)),
             recorder: Recorder::start(store.clone()),
@@ -220,15 +217,12 @@ impl Dispatcher {
             runtime,
             settings,
             slots,
-            in_flight: Arc::default(),
+            queue,
             wake: Arc::new(Notify::new()),
             claimable: Notify::new(),
-            due: Arc::new(Notify::new()),
-            lanes: Arc::default(),
             fan_out_turn: tokio::sync::Mutex::new(()),
             last_store_claim: Mutex::new(std::time::Instant::now()),
             ahead: AtomicI64::new(0),
-            unstarted: Arc::default(),
             claimed: Notify::new(),
             task_done: Arc::new(Notify::new()),
         }
@@ -267,7 +261,7 @@ impl Dispatcher {
             max_event_bytes: self.settings.max_event_bytes,
             queue_behind: u32::try_from(room).unwrap_or(u32::MAX),
         };
-        let ticket = self.lanes.begin_fan_out();
+        let ticket = self.queue.lanes.begin_fan_out();
         let fanned = self
             .store
             .fan_out_starting(
@@ -284,7 +278,7 @@ impl Dispatcher {
             }
             Err(err) => Err(err),
         };
-        self.lanes.end_fan_out(ticket, self.settings.lease);
+        self.queue.lanes.end_fan_out(ticket, self.settings.lease);
         let (report, started, queued) = fanned?;
         crate::metrics::fanned_out(&report);
         let waiting = report
@@ -294,7 +288,8 @@ impl Dispatcher {
         if waiting > 0 {
             self.ahead
                 .fetch_add(count(waiting), AtomicOrdering::Relaxed);
-            self.unstarted
+            self.queue
+                .unstarted
                 .fetch_add(count(waiting), AtomicOrdering::Relaxed);
             self.claimable.notify_one();
         }
@@ -310,7 +305,7 @@ impl Dispatcher {
     /// How many more deliveries fan-out may queue behind lanes held here.
     fn queue_room(&self) -> usize {
         let most = self.settings.concurrency.max(1) * QUEUED_PER_SLOT;
-        most.saturating_sub(self.lanes.len())
+        most.saturating_sub(self.queue.lanes.len())
     }
 
     /// Keep the deliveries fan-out queued, renewing their leases until they run.
@@ -320,17 +315,16 @@ impl Dispatcher {
         }
         let mut effects = Effects::default();
         {
-            let mut held = lock(&self.in_flight);
+            let mut held = lock(&self.queue.in_flight);
             for queued in &queued {
                 held.insert(queued.delivery.delivery_id);
             }
         }
         for QueuedDelivery { behind, delivery } in queued {
-            let more = self.lanes.queue(behind, delivery);
-            effects.release.extend(more.release);
-            effects.ready += more.ready;
+            let more = self.queue.lanes.queue(behind, delivery);
+            effects.add(more);
         }
-        self.queue_handle().apply(effects).await;
+        self.queue.apply(effects).await;
     }
 
     /// What the free slots can take now, as a claim (with the slots counted); `None` when
@@ -369,8 +363,9 @@ impl Dispatcher {
         }
         let ready = self.take_ready(&request).await;
         let room = (request.limit as usize).saturating_sub(ready.len());
-        let ask_store =
-            for_store || self.unstarted.load(AtomicOrdering::Relaxed) > 0 || self.store_claim_due();
+        let ask_store = for_store
+            || self.queue.unstarted.load(AtomicOrdering::Relaxed) > 0
+            || self.store_claim_due();
         let mut leased = ready;
         let mut claimed_count = 0;
         if room > 0 && ask_store {
@@ -408,18 +403,16 @@ impl Dispatcher {
     /// Queued deliveries now due, as many as `request` takes; those of a paused route
     /// are given back instead, for a claim to take once the route resumes.
     async fn take_ready(&self, request: &ClaimRequest) -> Vec<ClaimedDelivery> {
-        let ready = self.lanes.take_ready(request.limit as usize);
+        let ready = self.queue.lanes.take_ready(request.limit as usize);
         let (paused, ready): (Vec<_>, Vec<_>) = ready
             .into_iter()
             .partition(|d| request.paused_routes.contains(&d.route));
         if !paused.is_empty() {
             let mut effects = Effects::default();
             for delivery in &paused {
-                let more = self.lanes.settle(delivery.delivery_id, Ended::Open);
-                effects.release.push(delivery.delivery_id);
-                effects.release.extend(more.release);
+                effects.add(self.queue.lanes.give_back(delivery.delivery_id));
             }
-            self.queue_handle().apply(effects).await;
+            self.queue.apply(effects).await;
         }
         ready
     }
@@ -431,7 +424,7 @@ impl Dispatcher {
             self.ahead
                 .fetch_sub(count(claimed), AtomicOrdering::Relaxed);
             // Saturating: a claim also takes retries and other instances' deliveries.
-            let _ = self.unstarted.fetch_update(
+            let _ = self.queue.unstarted.fetch_update(
                 AtomicOrdering::Relaxed,
                 AtomicOrdering::Relaxed,
                 |unstarted| Some((unstarted - count(claimed)).max(0)),
@@ -443,7 +436,7 @@ impl Dispatcher {
             // With nothing running here either, what is left is blocked by other
             // instances or paused, or was claimed elsewhere: no finish of ours frees it.
             if self.is_idle() {
-                self.unstarted.store(0, AtomicOrdering::Relaxed);
+                self.queue.unstarted.store(0, AtomicOrdering::Relaxed);
             }
         }
     }
@@ -464,10 +457,10 @@ impl Dispatcher {
                 let task_done = self.task_done.clone();
                 let in_flight: Vec<InFlight> = share
                     .iter()
-                    .map(|d| InFlight::enter(&self.in_flight, d.delivery_id))
+                    .map(|d| InFlight::enter(&self.queue.in_flight, d.delivery_id))
                     .collect();
                 let unsettled = SettleOnPanic {
-                    queue: self.queue_handle(),
+                    queue: self.queue.clone(),
                     ids: share.iter().map(|d| d.delivery_id).collect(),
                 };
                 let span = tracing::info_span!(
@@ -570,7 +563,7 @@ impl Dispatcher {
             }
             for_store = tokio::select! {
                 _ = self.claimable.notified() => true,
-                _ = self.due.notified() => {
+                _ = self.queue.due.notified() => {
                     self.gather_finished().await;
                     false
                 }
@@ -578,7 +571,7 @@ impl Dispatcher {
                 // too, or counted as unstarted.
                 _ = self.task_done.notified() => {
                     self.gather_finished().await;
-                    self.lanes.is_empty()
+                    self.queue.lanes.is_empty()
                 }
                 _ = fan_out_done.changed(), if fanning => true,
             };
@@ -594,7 +587,8 @@ impl Dispatcher {
 
     /// Whether no delivery is running or queued here.
     fn is_idle(&self) -> bool {
-        self.slots.available_permits() >= self.settings.concurrency.max(1) && self.lanes.is_empty()
+        self.slots.available_permits() >= self.settings.concurrency.max(1)
+            && self.queue.lanes.is_empty()
     }
 
     /// Wait until a quarter of the slots are free: claiming for one free slot at a time
@@ -627,7 +621,7 @@ impl Dispatcher {
         }
         let heartbeat = tokio::spawn(heartbeat(
             self.settings.clone(),
-            self.queue_handle(),
+            self.queue.clone(),
             shutdown.clone(),
         ));
         tokio::join!(
@@ -705,12 +699,12 @@ impl Dispatcher {
             tokio::select! {
                 _ = tokio::time::sleep_until(poll_at) => return true,
                 _ = self.claimable.notified() => return true,
-                _ = self.due.notified() => {
+                _ = self.queue.due.notified() => {
                     self.gather_finished().await;
                     return false;
                 }
                 _ = self.task_done.notified() => {
-                    if self.unstarted.load(AtomicOrdering::Relaxed) > 0 {
+                    if self.queue.unstarted.load(AtomicOrdering::Relaxed) > 0 {
                         self.gather_finished().await;
                         return true;
                     }
@@ -722,12 +716,12 @@ impl Dispatcher {
 
     /// Give back the leases of every delivery queued here and not started.
     async fn give_back_queued(&self) {
-        let release = self.lanes.take_all();
+        let release = self.queue.lanes.take_all();
         if release.is_empty() {
             return;
         }
         let effects = Effects { release, ready: 0 };
-        self.queue_handle().apply(effects).await;
+        self.queue.apply(effects).await;
     }
 
     /// Let running attempts finish and record their outcomes, up to the shutdown
@@ -743,7 +737,7 @@ impl Dispatcher {
         {
             return;
         }
-        let unfinished: Vec<i64> = lock(&self.in_flight).iter().copied().collect();
+        let unfinished: Vec<i64> = lock(&self.queue.in_flight).iter().copied().collect();
         match self
             .store
             .release(&self.settings.instance_id, &unfinished)
@@ -757,17 +751,6 @@ impl Dispatcher {
         }
     }
 
-    fn queue_handle(&self) -> QueueHandle {
-        QueueHandle {
-            lanes: self.lanes.clone(),
-            in_flight: self.in_flight.clone(),
-            due: self.due.clone(),
-            unstarted: self.unstarted.clone(),
-            store: self.store.clone(),
-            owner: self.settings.instance_id.clone(),
-        }
-    }
-
     fn worker(&self) -> Worker {
         Worker {
             store: self.store.clone(),
@@ -778,7 +761,7 @@ impl Dispatcher {
             plugins: self.plugins.clone(),
             runtime: self.runtime.clone(),
             owner: self.settings.instance_id.clone(),
-            queue: self.queue_handle(),
+            queue: self.queue.clone(),
         }
     }
 }
@@ -857,9 +840,7 @@ async fn heartbeat(
                 behind,
                 "deliveries queued behind one this instance does not run; giving them back"
             );
-            effects
-                .release
-                .extend(queue.lanes.settle(behind, Ended::Open).release);
+            effects.add(queue.lanes.settle(behind, Ended::Open));
         }
         queue.apply(effects).await;
         tokio::select! {
@@ -879,7 +860,14 @@ struct QueueHandle {
     lanes: Arc<LaneQueue>,
     /// Leases this instance holds (running or queued), which the heartbeat renews.
     in_flight: Arc<Mutex<HashSet<i64>>>,
+    /// Queued deliveries became due.
     due: Arc<Notify>,
+    /// Deliveries this instance fanned out without starting them (their lane was busy, or
+    /// no slot was free), or gave back from its queue, and has not claimed since. While there are none, a finished
+    /// delivery cannot have made anything of this instance's due, and the claim loop
+    /// does not claim for it: at a low rate, where fan-out starts every delivery itself,
+    /// that claim found nothing every time (300 empty claims a second at 1,000 events/s,
+    /// each planned and run by Postgres for nothing).
     unstarted: Arc<AtomicI64>,
     store: Arc<dyn EventStore>,
     owner: String,
@@ -1077,8 +1065,7 @@ impl Worker {
                 Ended::Open
             };
             let more = self.queue.lanes.settle(delivery.delivery_id, ended);
-            effects.release.extend(more.release);
-            effects.ready += more.ready;
+            effects.add(more);
         }
         self.queue.apply(effects).await;
     }
