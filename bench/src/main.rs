@@ -4,6 +4,7 @@
 //! Figures go to stdout as Markdown (paste them into BENCHMARKS.md); progress bars and
 //! errors go to stderr. `tests/bench` builds the plugins and runs this in release.
 
+mod cpu;
 mod progress;
 mod report;
 mod rss;

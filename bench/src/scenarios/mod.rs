@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 
+use crate::cpu::CpuTimes;
 use crate::report::Table;
 use crate::setup::{Backend, Env};
 use crate::tuning::Sizes;
@@ -66,7 +67,20 @@ impl Ctx {
     }
 }
 
+/// Run one scenario; its table ends with the machine's CPU shares over the run.
 pub async fn run(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Table {
+    let before = CpuTimes::now();
+    let mut table = run_one(ctx, scenario, backends).await;
+    let shares = before.zip(CpuTimes::now());
+    if let Some(shares) = shares.and_then(|(before, after)| before.share_until(&after)) {
+        table.note(format!(
+            "The machine's CPU over the whole scenario (set-up too, every process): {shares}."
+        ));
+    }
+    table
+}
+
+async fn run_one(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Table {
     match scenario {
         Scenario::Ceiling => ceiling::table(ctx, backends).await,
         Scenario::LedgerCeiling => ledger_ceiling::table(ctx, backends).await,

@@ -64,8 +64,14 @@ pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine
         .table_keep_resident(KEEP_RESIDENT_TABLE)
         .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
+    // Plugins make blocking calls (each instance runs one event at a time), never the
+    // component model's concurrent ones. Without concurrency support a store neither sets
+    // up that machinery nor takes it down on drop, and the take-down built an error value
+    // each time: with `RUST_BACKTRACE=1` in the environment it captured a backtrace, 7–8
+    // µs of a fresh instance's 21 (BENCHMARKS.md, the eleventh refresh).
     config
         .wasm_component_model(true)
+        .concurrency_support(false)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
