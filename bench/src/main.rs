@@ -4,6 +4,10 @@
 //! Figures go to stdout as Markdown (paste them into BENCHMARKS.md); progress bars and
 //! errors go to stderr. `tests/bench` builds the plugins and runs this in release.
 
+/// The allocator `herald` itself runs with (host/src/main.rs), so the figures are its.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod cpu;
 mod progress;
 mod report;
