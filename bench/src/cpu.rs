@@ -4,7 +4,7 @@
 //! (BENCHMARKS.md, the eleventh refresh).
 
 /// Clock ticks of all cores, summed since boot.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CpuTimes {
     busy: u64,
     idle: u64,
