@@ -22,6 +22,14 @@ pub const LATENCY_DISPATCH: &str =
 pub const HOTSWAP_DISPATCH: &str =
     "batch_size = 200\nconcurrency = 32\nlease = \"60s\"\npoll_interval = \"20ms\"\nlisten = true";
 
+/// `[dispatch]` of the producers run (scenario 9): the drain's, woken by the store.
+pub const PRODUCERS_DISPATCH: &str =
+    "batch_size = 500\nconcurrency = 64\nlease = \"60s\"\npoll_interval = \"20ms\"\nlisten = true";
+
+/// Producers inserting at once in scenario 9, each on a connection of its own (the
+/// benchmark's Postgres pool holds 8).
+pub const PRODUCERS: usize = 8;
+
 /// How the benchmark's events are spread: many entities, so per-entity ordering leaves
 /// plenty of lanes to run in parallel.
 pub const ENTITIES: u64 = 1_000;
@@ -65,6 +73,8 @@ pub struct Sizes {
     pub swaps: usize,
     pub swap_load_per_sec: u64,
     pub swap_gap: Duration,
+    /// How long the producers of scenario 9 insert.
+    pub producers_for: Duration,
     /// The longest any one drain or wait may take before the scenario fails.
     pub time_bound: Duration,
 }
@@ -80,6 +90,7 @@ impl Sizes {
             swaps: 10,
             swap_load_per_sec: 1_000,
             swap_gap: Duration::from_millis(500),
+            producers_for: Duration::from_secs(5),
             time_bound: Duration::from_secs(240),
         }
     }
@@ -94,6 +105,7 @@ impl Sizes {
             swaps: 2,
             swap_load_per_sec: 500,
             swap_gap: Duration::from_millis(300),
+            producers_for: Duration::from_secs(1),
             time_bound: Duration::from_secs(60),
         }
     }

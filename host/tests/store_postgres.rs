@@ -9,9 +9,11 @@ use herald::store::postgres::plans;
 use herald::store::{
     self, ClaimRequest, ClaimedDelivery, Completion, CompletionResult, EventHead, EventStatus,
     EventStore, FanOutRequest, FanOutStarts, NewEvent, OpenOptions, Outcome, RoutePlan,
+    WakeUpRequest,
 };
 use herald_tests::PgSchema;
 use serde_json::json;
+use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 
 fn orders_route(_: &EventHead) -> Vec<RoutePlan> {
@@ -266,7 +268,8 @@ async fn two_instances_share_a_backlog_without_double_claims() {
     schema.drop().await;
 }
 
-/// The insert trigger notifies listeners: a waiting dispatcher wakes without polling.
+/// The insert trigger notifies listeners once an instance asked: a waiting dispatcher
+/// wakes without polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_wakes_a_listener() {
     let Some(schema) = PgSchema::create("store_pg_notify").await else {
@@ -278,6 +281,10 @@ async fn an_insert_wakes_a_listener() {
         .watch_new_events(Arc::downgrade(&wake))
         .await
         .expect("listen"));
+    assert_ne!(
+        store.request_wake_ups().await.expect("ask"),
+        WakeUpRequest::Unneeded
+    );
     let woken = wake.notified();
 
     let mut producer = PgConnection::connect(&schema.url).await.expect("producer");
@@ -291,6 +298,157 @@ async fn an_insert_wakes_a_listener() {
     tokio::time::timeout(Duration::from_secs(10), woken)
         .await
         .expect("the listener was woken by the insert");
+    drop(store);
+    schema.drop().await;
+}
+
+/// The next notification on `herald_events` that `producer` (a backend pid) sent; other
+/// tests' producers share the database and the channel.
+async fn next_notification_from(listener: &mut PgListener, producer: i32) -> String {
+    loop {
+        let notification = tokio::time::timeout(Duration::from_secs(30), listener.recv())
+            .await
+            .expect("a notification within 30s")
+            .expect("listener");
+        if i64::from(notification.process_id()) == i64::from(producer) {
+            return notification.payload().to_owned();
+        }
+    }
+}
+
+/// Ask for wake-ups as an instance does; whether no producer that may have missed the
+/// request is still in flight.
+async fn request_settled(herald: &mut PgConnection) -> bool {
+    sqlx::query_scalar("SELECT herald_request_wake_ups()")
+        .fetch_one(herald)
+        .await
+        .expect("request")
+}
+
+async fn insert_order(producer: &mut PgConnection) {
+    sqlx::query(
+        "INSERT INTO events (event_type, entity_type, entity_id, event_data) \
+         VALUES ('order.created', 'order', '1', '{}')",
+    )
+    .execute(&mut *producer)
+    .await
+    .expect("insert");
+}
+
+/// Producers send a wake-up only between an instance's request and the fan-out that
+/// stops it: an insert then commits without taking Postgres's cluster-wide notify lock.
+/// (A marker NOTIFY sent after the insert arrives first when the insert sent none:
+/// notifications arrive in commit order.)
+#[tokio::test]
+async fn producers_send_wake_ups_only_while_an_instance_asks() {
+    let Some(schema) = PgSchema::create("store_pg_wake_ups").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut listener = PgListener::connect(&schema.url).await.expect("listener");
+    listener.listen("herald_events").await.expect("listen");
+    let mut producer = PgConnection::connect(&schema.url).await.expect("producer");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut producer)
+        .await
+        .expect("pid");
+    let marker = |text: &'static str| format!("NOTIFY herald_events, '{text}'");
+
+    // Nobody asked yet (the state after migrating).
+    insert_order(&mut producer).await;
+    sqlx::raw_sql(&marker("after an insert nobody asked about"))
+        .execute(&mut producer)
+        .await
+        .expect("marker");
+    assert_eq!(
+        next_notification_from(&mut listener, pid).await,
+        "after an insert nobody asked about",
+        "an insert sent a wake-up nobody asked for"
+    );
+
+    assert_ne!(
+        store.request_wake_ups().await.expect("ask"),
+        WakeUpRequest::Unneeded
+    );
+    insert_order(&mut producer).await;
+    assert_eq!(next_notification_from(&mut listener, pid).await, "");
+
+    let stop = FanOutRequest {
+        stop_wake_ups: true,
+        ..FanOutRequest::new(100)
+    };
+    store.fan_out(&stop, &orders_route).await.expect("fan out");
+    insert_order(&mut producer).await;
+    sqlx::raw_sql(&marker("after the unannounced insert"))
+        .execute(&mut producer)
+        .await
+        .expect("marker");
+    assert_eq!(
+        next_notification_from(&mut listener, pid).await,
+        "after the unannounced insert",
+        "an insert sent a wake-up after fan-out stopped them"
+    );
+
+    // A fan-out that does not stop them leaves a request standing.
+    assert_ne!(
+        store.request_wake_ups().await.expect("ask"),
+        WakeUpRequest::Unneeded
+    );
+    store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    insert_order(&mut producer).await;
+    assert_eq!(
+        next_notification_from(&mut listener, pid).await,
+        "",
+        "an insert sent no wake-up though an instance asked"
+    );
+    drop(store);
+    schema.drop().await;
+}
+
+/// An instance that asks for wake-ups while a producer that read "not asked" is still in
+/// flight must not take its last look before that producer ends: the producer's events
+/// would then be announced by nothing. The request says so until the producer commits.
+#[tokio::test]
+async fn a_request_for_wake_ups_is_settled_only_once_producers_that_missed_it_end() {
+    let Some(schema) = PgSchema::create("store_pg_wake_up_race").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let stop = FanOutRequest {
+        stop_wake_ups: true,
+        ..FanOutRequest::new(100)
+    };
+    store.fan_out(&stop, &orders_route).await.expect("fan out");
+
+    let mut producer = PgConnection::connect(&schema.url).await.expect("producer");
+    let mut in_flight = producer.begin().await.expect("begin");
+    insert_order(&mut in_flight).await;
+    let mut herald = PgConnection::connect(&schema.url).await.expect("herald");
+    for _ in 0..3 {
+        assert!(
+            !request_settled(&mut herald).await,
+            "settled while a producer that missed the request is in flight"
+        );
+    }
+    in_flight.commit().await.expect("commit");
+    // Other tests' producers share the lock's key (the database is shared): wait them out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !request_settled(&mut herald).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled within 30s of the producer's commit"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The look that follows finds the producer's event.
+    let report = store
+        .fan_out(&FanOutRequest::new(100), &orders_route)
+        .await
+        .expect("fan out");
+    assert_eq!(report.events(), 1);
     drop(store);
     schema.drop().await;
 }

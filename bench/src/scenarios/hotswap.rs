@@ -122,7 +122,7 @@ async fn measure(env: &Env, plugins: &Path, sizes: &Sizes) -> anyhow::Result<Swa
     let _ = stop_load.send(true);
     let inserted = producer.await.context("the load task")?;
     let drained = match (&swapped, &inserted) {
-        (Ok(_), Ok(_)) => settle(&env.db, sizes.time_bound).await,
+        (Ok(_), Ok(_)) => super::settle(&env.db, sizes.time_bound).await,
         _ => Ok(()),
     };
     let _ = stop_herald.send(true);
@@ -226,23 +226,6 @@ async fn load(db: Db, per_sec: u64, mut stop: watch::Receiver<bool>) -> anyhow::
         inserted = last;
     }
     Ok(inserted)
-}
-
-/// Wait until nothing is READY any more.
-async fn settle(db: &Db, bound: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + bound;
-    loop {
-        if db.ready_events().await? == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "events still READY after {bound:?}: {}",
-                db.status_summary().await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `sha256:<hex>`, the version Herald gives a plugin file.

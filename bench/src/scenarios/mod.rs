@@ -9,15 +9,17 @@ mod latency;
 mod ledger_ceiling;
 mod neighbour;
 mod overhead;
+mod producers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 
 use crate::cpu::CpuTimes;
 use crate::report::Table;
-use crate::setup::{Backend, Env};
+use crate::setup::{Backend, Db, Env};
 use crate::tuning::Sizes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
@@ -30,10 +32,11 @@ pub enum Scenario {
     Overhead,
     Hotswap,
     Neighbour,
+    Producers,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Ceiling,
         Scenario::LedgerCeiling,
         Scenario::Noop,
@@ -42,6 +45,7 @@ impl Scenario {
         Scenario::Overhead,
         Scenario::Hotswap,
         Scenario::Neighbour,
+        Scenario::Producers,
     ];
 }
 
@@ -90,6 +94,7 @@ async fn run_one(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Tab
         Scenario::Overhead => overhead::table(ctx).await,
         Scenario::Hotswap => hotswap::table(ctx, backends).await,
         Scenario::Neighbour => neighbour::table(ctx, backends).await,
+        Scenario::Producers => producers::table(ctx, backends).await,
     }
 }
 
@@ -140,4 +145,21 @@ async fn preload_mixed(
         env.db.execute(&format!("ANALYZE {table}")).await?;
     }
     Ok(())
+}
+
+/// Wait until nothing is READY any more, at most `bound`.
+async fn settle(db: &Db, bound: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if db.ready_events().await? == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "events still READY after {bound:?}: {}",
+                db.status_summary().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

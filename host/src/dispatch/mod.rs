@@ -32,7 +32,7 @@ use crate::router::Router;
 use crate::runtime::{Event as PluginEvent, PluginRegistry, PluginRuntime, RouteGrant};
 use crate::store::{
     ClaimRequest, ClaimedDelivery, Completion, CompletionResult, DeliveryStatus, EventStore,
-    FanOutReport, FanOutRequest, Outcome, QueuedDelivery, StoreError,
+    FanOutReport, FanOutRequest, Outcome, QueuedDelivery, StoreError, WakeUpRequest,
 };
 
 /// Most deliveries one task runs in a row (in one plugin instance, when the route lets an
@@ -94,6 +94,21 @@ impl Default for DispatchSettings {
             max_event_bytes: crate::store::DEFAULT_MAX_EVENT_BYTES,
         }
     }
+}
+
+/// The first and the longest pause between two requests for wake-ups that found a
+/// producer in flight which may have missed the request.
+const FIRST_WAKE_UP_PAUSE: Duration = Duration::from_micros(100);
+const LAST_WAKE_UP_PAUSE: Duration = Duration::from_millis(5);
+
+/// What the fan-out loop does once it asked producers for wake-ups.
+enum AfterAsking {
+    /// Look for new events once more, then sleep.
+    Look,
+    /// A wake-up came while waiting: fan out at once.
+    Woken,
+    /// Sleep: nothing was asked (or asking failed, and the poll finds new events).
+    Sleep,
 }
 
 /// `hostname-pid`: unique among live instances, readable in the attempts log.
@@ -240,7 +255,7 @@ impl Dispatcher {
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
-        let (fanned, started) = self.fan_out_once().await?;
+        let (fanned, started) = self.fan_out_once(false).await?;
         let claimed = self.claim_and_start(true).await?;
         Ok(PassReport {
             fanned_out: fanned.events(),
@@ -251,7 +266,7 @@ impl Dispatcher {
     /// Fan out one batch, starting at once the new deliveries the free slots take (no
     /// claim round trip for them), and queueing those the store leased behind lanes this
     /// instance holds; returns the report and how many it started or queued.
-    async fn fan_out_once(&self) -> Result<(FanOutReport, usize), StoreError> {
+    async fn fan_out_once(&self, stop_wake_ups: bool) -> Result<(FanOutReport, usize), StoreError> {
         let _turn = self.fan_out_turn.lock().await;
         let table = self.table.current();
         let grant = self.claim_request().await;
@@ -260,6 +275,7 @@ impl Dispatcher {
             limit: self.settings.batch_size,
             max_event_bytes: self.settings.max_event_bytes,
             queue_behind: u32::try_from(room).unwrap_or(u32::MAX),
+            stop_wake_ups,
         };
         let ticket = self.queue.lanes.begin_fan_out();
         let fanned = self
@@ -522,7 +538,7 @@ impl Dispatcher {
             while self.run_ahead() {
                 self.claimed.notified().await;
             }
-            if self.fan_out_once().await?.0.events() == 0 {
+            if self.fan_out_once(false).await?.0.events() == 0 {
                 return Ok(());
             }
         }
@@ -606,26 +622,32 @@ impl Dispatcher {
     /// the store's notifications when it has them, and polls regardless: a lost
     /// notification costs latency, never an event.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) {
-        if self.settings.listen {
-            match self
+        let listening = self.settings.listen
+            && match self
                 .store
                 .watch_new_events(Arc::downgrade(&self.wake))
                 .await
             {
                 Ok(true) => {
-                    tracing::info!("woken by new-event notifications; polling as a fallback")
+                    tracing::info!("woken by new-event notifications; polling as a fallback");
+                    true
                 }
-                Ok(false) => tracing::debug!("the store sends no notifications; polling"),
-                Err(err) => tracing::warn!(%err, "cannot listen for new events; polling"),
-            }
-        }
+                Ok(false) => {
+                    tracing::debug!("the store sends no notifications; polling");
+                    false
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cannot listen for new events; polling");
+                    false
+                }
+            };
         let heartbeat = tokio::spawn(heartbeat(
             self.settings.clone(),
             self.queue.clone(),
             shutdown.clone(),
         ));
         tokio::join!(
-            self.fan_out_loop(shutdown.clone()),
+            self.fan_out_loop(shutdown.clone(), listening),
             self.claim_loop(shutdown.clone())
         );
         self.finish_in_flight().await;
@@ -638,7 +660,11 @@ impl Dispatcher {
     /// Fan out while new events keep coming: at once again after a full batch (more is
     /// waiting), else when woken (events inserted or emitted) or after the poll interval.
     /// Runs beside the claim loop, so deliveries are ready before the claims ask for them.
-    async fn fan_out_loop(&self, mut shutdown: watch::Receiver<bool>) {
+    /// With `listening`, it asks producers for wake-ups before each sleep, and its first
+    /// fan-out after the sleep stops them: producers pay for a wake-up only while this
+    /// instance waits for one.
+    async fn fan_out_loop(&self, mut shutdown: watch::Receiver<bool>, listening: bool) {
+        let mut asked = false;
         while running(&shutdown) {
             if self.run_ahead() {
                 tokio::select! {
@@ -648,11 +674,24 @@ impl Dispatcher {
                 }
                 continue;
             }
-            match self.fan_out_once().await {
-                Ok((report, _)) if report.events() >= self.settings.batch_size as usize => continue,
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::error!(%err, "fan-out failed; retrying after the poll interval")
+            if self.fan_out_logged(std::mem::take(&mut asked)).await
+                >= self.settings.batch_size as usize
+            {
+                continue;
+            }
+            if listening {
+                match self.ask_for_wake_ups(&mut shutdown).await {
+                    AfterAsking::Sleep => {}
+                    AfterAsking::Look => {
+                        asked = true;
+                        if self.fan_out_logged(false).await > 0 {
+                            continue;
+                        }
+                    }
+                    AfterAsking::Woken => {
+                        asked = true;
+                        continue;
+                    }
                 }
             }
             tokio::select! {
@@ -660,6 +699,47 @@ impl Dispatcher {
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => {}
             }
+        }
+    }
+
+    /// [`Dispatcher::fan_out_once`] for the fan-out loop: how many events it fanned out; a
+    /// failure is logged and counts none (the loop then waits for the poll interval).
+    async fn fan_out_logged(&self, stop_wake_ups: bool) -> usize {
+        match self.fan_out_once(stop_wake_ups).await {
+            Ok((report, _)) => report.events(),
+            Err(err) => {
+                tracing::error!(%err, "fan-out failed; retrying after the poll interval");
+                0
+            }
+        }
+    }
+
+    /// Ask producers for wake-ups before sleeping, and wait until the last look is due:
+    /// once no producer that may have missed the request is in flight (trying again at
+    /// short intervals; such a producer commits within milliseconds, or the poll covers
+    /// it), or at once when a wake-up arrives meanwhile.
+    async fn ask_for_wake_ups(&self, shutdown: &mut watch::Receiver<bool>) -> AfterAsking {
+        let deadline = tokio::time::Instant::now() + self.settings.poll_interval;
+        let mut pause = FIRST_WAKE_UP_PAUSE;
+        loop {
+            match self.store.request_wake_ups().await {
+                Ok(WakeUpRequest::Settled) => return AfterAsking::Look,
+                Ok(WakeUpRequest::Pending) => {}
+                Ok(WakeUpRequest::Unneeded) => return AfterAsking::Sleep,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot ask producers for wake-ups; polling");
+                    return AfterAsking::Sleep;
+                }
+            }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return AfterAsking::Look;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.wake.notified() => return AfterAsking::Woken,
+                _ = shutdown.changed() => return AfterAsking::Sleep,
+            }
+            pause = (pause * 2).min(LAST_WAKE_UP_PAUSE);
         }
     }
 

@@ -115,10 +115,21 @@ pub trait EventStore: Send + Sync {
     async fn instances(&self, within: Duration) -> StoreResult<Vec<Instance>>;
 
     /// Wake `wake` whenever events are inserted, for as long as `wake` lives. Returns
-    /// false when the backend cannot notify: polling alone finds new events.
+    /// false when the backend cannot notify: polling alone finds new events. Where
+    /// producers send wake-ups only on request (Postgres), `wake` hears them only between
+    /// [`EventStore::request_wake_ups`] and the next fan-out that stops them.
     async fn watch_new_events(&self, wake: Weak<Notify>) -> StoreResult<bool> {
         let _ = wake;
         Ok(false)
+    }
+
+    /// Before a dispatcher sleeps for want of new events: ask producers to send the
+    /// wake-ups of [`EventStore::watch_new_events`], and say whether a producer transaction
+    /// that may have inserted events without seeing the request is still in flight (what
+    /// it commits, no wake-up announces). Asking again only checks again. Backends whose
+    /// wake-ups need no request ask nothing.
+    async fn request_wake_ups(&self) -> StoreResult<WakeUpRequest> {
+        Ok(WakeUpRequest::Unneeded)
     }
 
     /// How much work waits: READY events and deliveries waiting for a retry. Both counts

@@ -353,6 +353,23 @@ pub struct FanOutRequest {
     /// With a start grant: how many new deliveries fan-out may lease for the grant's
     /// owner to queue ([`FanOutStarts::queued`]), beyond those it starts at once.
     pub queue_behind: u32,
+    /// Producers stop sending the wake-ups a dispatcher asked for before it slept
+    /// ([`EventStore::request_wake_ups`](super::EventStore::request_wake_ups)): it is
+    /// awake, and looks for new events itself until it sleeps again.
+    pub stop_wake_ups: bool,
+}
+
+/// What asking producers for wake-ups came to ([`EventStore::request_wake_ups`](super::EventStore::request_wake_ups)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeUpRequest {
+    /// The backend's wake-ups need no request (or it has none).
+    Unneeded,
+    /// Asked, and no producer that may have missed the request is in flight: a look at
+    /// new events now finds whatever no wake-up will announce.
+    Settled,
+    /// Asked, but a producer that may have missed the request is still in flight: the
+    /// last look is due once it has ended.
+    Pending,
 }
 
 impl FanOutRequest {
@@ -362,6 +379,7 @@ impl FanOutRequest {
             limit,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             queue_behind: 0,
+            stop_wake_ups: false,
         }
     }
 

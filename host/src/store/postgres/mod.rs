@@ -36,16 +36,21 @@ use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
     FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection,
-    Router, StoreError, StoreResult,
+    Router, StoreError, StoreResult, WakeUpRequest,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
-/// The channel the `events` insert trigger notifies (migration 0002).
+/// The channel the `events` insert trigger notifies (migration 0002), while an instance
+/// has asked for it (migration 0011).
 const NEW_EVENTS_CHANNEL: &str = "herald_events";
 
 /// Key of the advisory lock that serialises fan-out across instances ("herald" in ASCII).
 const FAN_OUT_LOCK: i64 = 0x6865_7261_6c64;
+
+/// Ask producers for wake-ups; true once none that may have missed the request is still
+/// in flight (migration 0011).
+const REQUEST_WAKE_UPS: &str = "SELECT herald_request_wake_ups()";
 
 const EVENT_COLUMNS: &str = "event_id, event_target, event_type, entity_type, entity_id, \
      event_data::text AS event_data, event_status, status_reason, idempotency_key, \
@@ -149,6 +154,7 @@ async fn take_candidates(
         .bind(i64::from(request.limit))
         .bind(FAN_OUT_LOCK)
         .bind(request.max_bytes_sql())
+        .bind(request.stop_wake_ups)
         .fetch_all(conn)
         .await
         .doing("reading new events")?;
@@ -792,6 +798,18 @@ impl EventStore for PostgresStore {
             }
         });
         Ok(true)
+    }
+
+    async fn request_wake_ups(&self) -> StoreResult<WakeUpRequest> {
+        let settled: bool = sqlx::query_scalar(REQUEST_WAKE_UPS)
+            .fetch_one(&self.pool)
+            .await
+            .doing("asking producers for wake-ups")?;
+        Ok(if settled {
+            WakeUpRequest::Settled
+        } else {
+            WakeUpRequest::Pending
+        })
     }
 
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<Event>> {

@@ -37,8 +37,12 @@ pub const INSERT_EVENT: &str =
 /// walk over every event. Deleting a queue row writes no index entry, and the `events`
 /// row is not written at all (migration 0008). An id whose event is gone or no longer
 /// READY (deleted or settled by an operator) leaves the queue and is not fanned out.
+/// With `$4`, producers stop sending wake-ups (migration 0011), in the same statement so a
+/// woken dispatcher pays no round trip for it; the sequence is not transactional, so that
+/// holds at once, whatever becomes of this transaction.
 pub const TAKE_NEW_EVENTS: &str =
-    "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held), \
+    "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held, \
+       CASE WHEN $4 THEN setval('herald_wake_ups_requested', 0) END AS wake_ups), \
      taken AS (DELETE FROM herald_fan_out_queue q \
        WHERE q.event_id = ANY (ARRAY(SELECT event_id FROM herald_fan_out_queue, turn \
          WHERE turn.held ORDER BY event_id LIMIT $1)) \
