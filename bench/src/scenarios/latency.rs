@@ -155,18 +155,7 @@ async fn produce(env: &Env, sink: &Sink, sizes: &Sizes) -> anyhow::Result<Measur
     // All at once: the producer's pool opens its connections now, not while the clock
     // runs (opening them inside the measured second cost its first events up to 80 ms).
     let warmup = sizes.latency_warmup as i64;
-    let warming: Vec<_> = (1..=warmup)
-        .map(|seq| {
-            let db = env.db.clone();
-            tokio::spawn(async move { db.insert_one(EVENT_TYPE, seq).await })
-        })
-        .collect();
-    for insert in warming {
-        insert
-            .await
-            .context("warm-up task")?
-            .context("warm-up insert")?;
-    }
+    super::insert_at_once(&env.db, EVENT_TYPE, 1..=warmup).await?;
     wait_for(sink, 1..=warmup, Duration::from_secs(30)).await?;
 
     let total = (sizes.latency_rate as f64 * sizes.latency_for.as_secs_f64()).round() as i64;

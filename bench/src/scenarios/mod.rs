@@ -163,3 +163,26 @@ async fn settle(db: &Db, bound: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Insert one event per `seq`, all at once, each on a connection of the pool: a warm-up
+/// that makes the pool open its connections before a clock runs.
+async fn insert_at_once(
+    db: &Db,
+    event_type: &'static str,
+    seqs: std::ops::RangeInclusive<i64>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let inserts: Vec<_> = seqs
+        .map(|seq| {
+            let db = db.clone();
+            tokio::spawn(async move { db.insert_one(event_type, seq).await })
+        })
+        .collect();
+    for insert in inserts {
+        insert
+            .await
+            .context("warm-up task")?
+            .context("warm-up insert")?;
+    }
+    Ok(())
+}

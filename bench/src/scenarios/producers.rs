@@ -95,18 +95,7 @@ async fn measure(env: &Env, plugins: &Path, sizes: &Sizes) -> anyhow::Result<Pro
 async fn produce(db: &Db, sizes: &Sizes) -> anyhow::Result<Produced> {
     // One insert per producer first, all at once: the pool opens its connections now, not
     // while the clock runs.
-    let warming: Vec<_> = (0..PRODUCERS as i64)
-        .map(|seq| {
-            let db = db.clone();
-            tokio::spawn(async move { db.insert_one(EVENT_TYPE, seq).await })
-        })
-        .collect();
-    for insert in warming {
-        insert
-            .await
-            .context("warm-up task")?
-            .context("warm-up insert")?;
-    }
+    super::insert_at_once(db, EVENT_TYPE, 0..=PRODUCERS as i64 - 1).await?;
 
     let started = Instant::now();
     let until = started + sizes.producers_for;
