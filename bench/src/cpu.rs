@@ -11,6 +11,10 @@ pub struct CpuTimes {
     steal: u64,
 }
 
+/// `/proc/stat` counts in USER_HZ, which Linux fixes at 100 for user space on every
+/// architecture (`sysconf(_SC_CLK_TCK)`).
+const TICKS_PER_SECOND: f64 = 100.0;
+
 impl CpuTimes {
     /// Now; `None` where `/proc/stat` cannot be read (not Linux).
     pub fn now() -> Option<CpuTimes> {
@@ -34,6 +38,18 @@ impl CpuTimes {
             percent(idle),
             percent(steal)
         ))
+    }
+
+    /// The CPU time every process on the machine spent busy from `self` to `later`, in
+    /// microseconds per `units` (events drained, say). Time the hypervisor stole is not
+    /// counted, so this is the work done, which moves less than the wall time between
+    /// a fast and a slow hour. Resolution: one tick (10 ms) over the whole span.
+    pub fn busy_us_per(&self, later: &CpuTimes, units: u64) -> Option<f64> {
+        let busy = later.busy.checked_sub(self.busy)?;
+        if units == 0 {
+            return None;
+        }
+        Some(busy as f64 / TICKS_PER_SECOND * 1e6 / units as f64)
     }
 }
 
@@ -69,6 +85,16 @@ mod tests {
             before.share_until(&after).as_deref(),
             Some("busy 50 %, idle 25 %, stolen by the hypervisor 25 %")
         );
+    }
+
+    #[test]
+    fn busy_time_is_counted_per_unit_without_idle_or_steal() {
+        let before = parse("cpu  100 0 50 800 50 0 0 0 0 0").unwrap();
+        // busy +200 ticks = 2 s, over 1,000 units: 2,000 µs each.
+        let after = parse("cpu  250 0 100 850 100 0 0 100 0 0").unwrap();
+        assert_eq!(before.busy_us_per(&after, 1_000), Some(2_000.0));
+        assert_eq!(before.busy_us_per(&after, 0), None);
+        assert_eq!(after.busy_us_per(&before, 1_000), None);
     }
 
     #[test]

@@ -1714,6 +1714,74 @@ async fn fan_out_starts_what_is_due_and_leaves_the_rest_to_claims(f: &Fixture) {
     );
 }
 
+/// The one delivery listed, by id.
+async fn delivery(f: &Fixture, delivery_id: i64) -> store::Delivery {
+    let all = f
+        .store
+        .list_deliveries(&DeliveryFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list deliveries");
+    all.into_iter()
+        .find(|d| d.delivery_id == delivery_id)
+        .expect("the delivery is listed")
+}
+
+/// A delivery fan-out leases is next due when its lease runs out (which keeps it out of
+/// the claims' way while it runs), and at once when it is given back; closed, it is not
+/// dated in the future.
+async fn a_started_delivery_is_due_when_its_lease_ends_or_once_given_back(f: &Fixture) {
+    let a1 = f.store.append(&order("A", 1)).await.expect("append");
+    let b1 = f.store.append(&order("B", 1)).await.expect("append");
+    let before = chrono::Utc::now();
+    let started = fan_out_starting(f, &claim_request("alpha", 10)).await;
+    assert_eq!(started.len(), 2);
+    for leased in &started {
+        let row = delivery(f, leased.delivery_id).await;
+        let lease_end = row.locked_until.expect("leased at fan-out");
+        assert_eq!(row.next_attempt_at, lease_end, "due when the lease ends");
+        assert!(
+            row.next_attempt_at >= before + chrono::Duration::seconds(59),
+            "{} is the lease's end, not the insert",
+            row.next_attempt_at
+        );
+    }
+    assert!(claim(f, "beta", 10).await.is_empty(), "both leases hold");
+
+    let given_back = started
+        .iter()
+        .find(|d| d.event.event_id == a1)
+        .expect("a1 started");
+    assert_eq!(
+        f.store
+            .release("alpha", &[given_back.delivery_id])
+            .await
+            .expect("release"),
+        1
+    );
+    let again = claim(f, "beta", 10).await;
+    assert_eq!(
+        again.iter().map(|d| d.delivery_id).collect::<Vec<_>>(),
+        vec![given_back.delivery_id],
+        "given back, it is due at once"
+    );
+
+    let kept = started
+        .iter()
+        .find(|d| d.event.event_id == b1)
+        .expect("b1 started");
+    complete_one(f, kept, "alpha", Outcome::delivered()).await;
+    let closed = delivery(f, kept.delivery_id).await;
+    assert_eq!(closed.status, DeliveryStatus::Success);
+    assert!(
+        closed.next_attempt_at <= chrono::Utc::now(),
+        "a closed delivery is not dated at its old lease's end: {}",
+        closed.next_attempt_at
+    );
+}
+
 async fn fan_out_starts_no_more_than_granted_and_nothing_paused(f: &Fixture) {
     let p1 = f
         .store
@@ -1833,4 +1901,5 @@ on_both_backends!(
     fan_out_starts_what_is_due_and_leaves_the_rest_to_claims,
     fan_out_starts_no_more_than_granted_and_nothing_paused,
     a_started_delivery_knows_a_purged_events_completed_key,
+    a_started_delivery_is_due_when_its_lease_ends_or_once_given_back,
 );

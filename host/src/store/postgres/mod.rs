@@ -664,7 +664,8 @@ impl EventStore for PostgresStore {
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
         let released = sqlx::query(
             "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
-             attempts = attempts - 1 WHERE delivery_id IN (SELECT delivery_id \
+             attempts = attempts - 1, next_attempt_at = least(next_attempt_at, now()) \
+             WHERE delivery_id IN (SELECT delivery_id \
                FROM herald_deliveries WHERE delivery_id = ANY($1) AND locked_by = $2 \
                AND status IN ('PENDING', 'RETRY') ORDER BY delivery_id FOR UPDATE)",
         )

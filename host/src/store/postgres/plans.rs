@@ -90,13 +90,21 @@ pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest \
 /// Fan-out: insert the deliveries, leasing those marked to start (decided from
 /// [`LANE_STATES`]; fan-out runs under its advisory lock, so no other fan-out adds to a
 /// lane in between, and a claim only leases a lane's head).
+///
+/// A leased delivery is next due when its lease runs out, and says so: its
+/// `next_attempt_at` is the lease's end, not the insert. The claim walks the due index
+/// up to now; with every running delivery dated now, each claim in a drain stepped over
+/// all of them, leased and of no use to it (0.8 ms a claim, 7 % of Postgres's statement
+/// time in a no-op drain: BENCHMARKS.md, fifteenth refresh). Release and close bring the
+/// date back to now at the latest ([`CLOSE_DELIVERIES`], `release`).
 pub const INSERT_DELIVERIES: &str = "WITH created AS (\
        INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-         idempotency_key, locked_by, locked_until, attempts) \
+         idempotency_key, locked_by, locked_until, attempts, next_attempt_at) \
        SELECT event_id, route, entity_type, entity_id, ordered, key, \
          CASE WHEN start THEN $8 END, \
          CASE WHEN start THEN now() + make_interval(secs => $9) END, \
-         CASE WHEN start THEN 1 ELSE 0 END \
+         CASE WHEN start THEN 1 ELSE 0 END, \
+         CASE WHEN start THEN now() + make_interval(secs => $9) ELSE now() END \
        FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
            $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
            ordered, key, start) \
@@ -137,7 +145,8 @@ pub const LOCK_DELIVERIES: &str = "SELECT 1 FROM herald_deliveries WHERE deliver
 /// index over every open delivery; `= ANY($1)` lets every plan reach them by primary key.
 pub const CLOSE_DELIVERIES: &str = "UPDATE herald_deliveries d SET status = u.status, \
      next_attempt_at = CASE WHEN u.status = 'RETRY' \
-       THEN now() + make_interval(secs => u.retry_secs) ELSE d.next_attempt_at END, \
+       THEN now() + make_interval(secs => u.retry_secs) \
+       ELSE least(d.next_attempt_at, now()) END, \
      locked_by = NULL, locked_until = NULL, last_error = u.error, updated_at = now() \
      FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[], \
        $6::text[]) AS u(id, owner, attempt, status, retry_secs, error) \

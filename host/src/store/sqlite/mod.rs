@@ -209,12 +209,13 @@ impl EventStore for SqliteStore {
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
-        let released = sqlx::query(
+        let released = sqlx::query(&format!(
             "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
-             attempts = attempts - 1 WHERE locked_by = $1 \
+             attempts = attempts - 1, next_attempt_at = min(next_attempt_at, {SQLITE_NOW}) \
+             WHERE locked_by = $1 \
              AND delivery_id IN (SELECT value FROM json_each($2)) \
              AND status IN ('PENDING', 'RETRY')",
-        )
+        ))
         .bind(owner)
         .bind(id_list(delivery_ids))
         .execute(&self.pool)

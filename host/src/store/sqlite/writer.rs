@@ -590,7 +590,9 @@ fn blocked_lanes(
 }
 
 /// Insert the deliveries, those marked `start` leased to `start`'s owner on their first
-/// attempt. Returns the ids of the started ones by (event, route).
+/// attempt, and next due when that lease runs out (as on Postgres: the claim's walk of
+/// the due index then stops before them). Returns the ids of the started ones by (event,
+/// route).
 fn insert_deliveries(
     tx: &Transaction<'_>,
     now: &Now,
@@ -601,7 +603,8 @@ fn insert_deliveries(
         .prepare_cached(
             "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
              idempotency_key, locked_by, locked_until, attempts, next_attempt_at, created_at, \
-             updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
+             updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, coalesce(?8, ?10), ?10, \
+             ?10)",
         )
         .doing("creating deliveries")?;
     let lease = match start {
@@ -722,7 +725,7 @@ fn close_deliveries(
     let mut close = tx
         .prepare_cached(
             "UPDATE herald_deliveries SET status = ?1, \
-             next_attempt_at = CASE WHEN ?1 = 'RETRY' THEN ?2 ELSE next_attempt_at END, \
+             next_attempt_at = CASE WHEN ?1 = 'RETRY' THEN ?2 ELSE min(next_attempt_at, ?7) END, \
              locked_by = NULL, locked_until = NULL, last_error = ?3, updated_at = ?7 \
              WHERE delivery_id = ?4 AND locked_by = ?5 AND attempts = ?6 \
                AND status IN ('PENDING', 'RETRY') \
