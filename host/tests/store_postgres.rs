@@ -545,6 +545,39 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     schema.drop().await;
 }
 
+/// An event inserted inside a fan-out or outcome transaction (an emitted event, a dead
+/// notice) runs the event trigger, whose read of the wake-up sequence can only be a
+/// sequential scan; priced as a disabled one, it must still not be compiled by JIT.
+#[tokio::test]
+async fn statements_in_planned_once_transactions_are_not_compiled() {
+    let Some(schema) = PgSchema::create("store_pg_no_jit").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("plan connection");
+    sqlx::raw_sql(plans::PLAN_ONCE)
+        .execute(&mut conn)
+        .await
+        .expect("begin as fan-out and outcomes do");
+    let (plan,): (serde_json::Value,) = sqlx::query_as(
+        "EXPLAIN (ANALYZE, FORMAT JSON) SELECT last_value FROM herald_wake_ups_requested",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("explain the trigger's read");
+    let top = &plan[0];
+    assert!(
+        top["Plan"]["Total Cost"].as_f64().unwrap_or(0.0) > 1e9,
+        "the read is priced as a disabled scan, which is what tempted JIT: {top}"
+    );
+    assert!(top.get("JIT").is_none(), "compiled by JIT: {}", top["JIT"]);
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
 /// A claim learns whether each claimed delivery's key is done by one probe of the ledger
 /// and one of the delivery's attempts, never by reading either whole: both grow for as
 /// long as Herald runs. Planned as a claim is, with the ledger, the attempts log and the

@@ -22,8 +22,16 @@ use std::sync::LazyLock;
 use crate::store::COMPLETED_KEY_COLUMNS;
 
 /// How the transactions of fan-out and of outcomes begin.
-pub const PLAN_ONCE: &str =
-    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+///
+/// Without JIT: `enable_seqscan = off` does not forbid a sequential scan, it prices one
+/// at 10^10, and a statement that has no other way (the event trigger's read of the
+/// one-row wake-up sequence, run for every emitted event and dead notice an outcome
+/// inserts) then costs far past `jit_above_cost`. Postgres compiled each such read with
+/// LLVM, 25–160 ms apiece: a drain beside a route whose deliveries all went DEAD ran at
+/// 700 events/s instead of 15,000 (BENCHMARKS.md, fifteenth refresh). None of these
+/// statements is long enough for JIT to pay.
+pub const PLAN_ONCE: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+     SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
 /// Append one event (the producer API, and the events a plugin emits).
 pub const INSERT_EVENT: &str =
