@@ -510,6 +510,20 @@ async fn unbounded_scans_of(
 /// the walk stops at the batch limit.
 const BOUNDED_WALKS: &[(&str, &str)] = &[("take_new_events", "herald_fan_out_queue_pkey")];
 
+/// A store migrated in `schema`, and a connection of its own inside a transaction begun
+/// as fan-out and outcomes begin theirs.
+async fn in_a_planned_once_transaction(schema: &PgSchema) -> (Arc<dyn EventStore>, PgConnection) {
+    let store = instance(schema).await;
+    let mut conn = PgConnection::connect(&schema.url)
+        .await
+        .expect("plan connection");
+    sqlx::raw_sql(plans::PLAN_ONCE)
+        .execute(&mut conn)
+        .await
+        .expect("begin as fan-out and outcomes do");
+    (store, conn)
+}
+
 /// Fan-out and outcome statements are planned once per connection and the plan kept
 /// (plans.rs): a plan made while the tables were empty must still be led by the ids,
 /// lanes and keys each statement names once the tables are large.
@@ -518,14 +532,7 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     let Some(schema) = PgSchema::create("store_pg_plans").await else {
         return;
     };
-    let store = instance(&schema).await;
-    let mut conn = PgConnection::connect(&schema.url)
-        .await
-        .expect("plan connection");
-    sqlx::raw_sql(plans::PLAN_ONCE)
-        .execute(&mut conn)
-        .await
-        .expect("begin as fan-out and outcomes do");
+    let (store, mut conn) = in_a_planned_once_transaction(&schema).await;
     let mut offenders = Vec::new();
     for (name, statement) in plans::PLANNED_ONCE {
         let found = unbounded_scans_of(&mut conn, name, statement, None).await;
@@ -553,14 +560,7 @@ async fn statements_in_planned_once_transactions_are_not_compiled() {
     let Some(schema) = PgSchema::create("store_pg_no_jit").await else {
         return;
     };
-    let store = instance(&schema).await;
-    let mut conn = PgConnection::connect(&schema.url)
-        .await
-        .expect("plan connection");
-    sqlx::raw_sql(plans::PLAN_ONCE)
-        .execute(&mut conn)
-        .await
-        .expect("begin as fan-out and outcomes do");
+    let (store, mut conn) = in_a_planned_once_transaction(&schema).await;
     let (plan,): (serde_json::Value,) = sqlx::query_as(
         "EXPLAIN (ANALYZE, FORMAT JSON) SELECT last_value FROM herald_wake_ups_requested",
     )
