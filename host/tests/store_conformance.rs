@@ -1714,19 +1714,19 @@ async fn fan_out_starts_what_is_due_and_leaves_the_rest_to_claims(f: &Fixture) {
     );
 }
 
-/// The one delivery listed, by id.
-async fn delivery(f: &Fixture, delivery_id: i64) -> store::Delivery {
-    let all = f
+/// The stored row of a claimed delivery, read with its event's detail.
+async fn stored(f: &Fixture, claimed: &store::ClaimedDelivery) -> store::Delivery {
+    let detail = f
         .store
-        .list_deliveries(&DeliveryFilter {
-            limit: 100,
-            ..Default::default()
-        })
+        .event_detail(claimed.event.event_id)
         .await
-        .expect("list deliveries");
-    all.into_iter()
-        .find(|d| d.delivery_id == delivery_id)
-        .expect("the delivery is listed")
+        .expect("detail")
+        .expect("event exists");
+    detail
+        .deliveries
+        .into_iter()
+        .find(|d| d.delivery_id == claimed.delivery_id)
+        .expect("the event has the delivery")
 }
 
 /// A delivery fan-out leases is next due when its lease runs out (which keeps it out of
@@ -1739,7 +1739,7 @@ async fn a_started_delivery_is_due_when_its_lease_ends_or_once_given_back(f: &Fi
     let started = fan_out_starting(f, &claim_request("alpha", 10)).await;
     assert_eq!(started.len(), 2);
     for leased in &started {
-        let row = delivery(f, leased.delivery_id).await;
+        let row = stored(f, leased).await;
         let lease_end = row.locked_until.expect("leased at fan-out");
         assert_eq!(row.next_attempt_at, lease_end, "due when the lease ends");
         assert!(
@@ -1773,7 +1773,7 @@ async fn a_started_delivery_is_due_when_its_lease_ends_or_once_given_back(f: &Fi
         .find(|d| d.event.event_id == b1)
         .expect("b1 started");
     complete_one(f, kept, "alpha", Outcome::delivered()).await;
-    let closed = delivery(f, kept.delivery_id).await;
+    let closed = stored(f, kept).await;
     assert_eq!(closed.status, DeliveryStatus::Success);
     assert!(
         closed.next_attempt_at <= chrono::Utc::now(),
