@@ -1714,6 +1714,72 @@ async fn fan_out_starts_what_is_due_and_leaves_the_rest_to_claims(f: &Fixture) {
     );
 }
 
+/// An event whose only delivery closes is settled from that delivery, with no read of the
+/// event's deliveries: fan-out, which writes all of an event's deliveries at once, marks
+/// such a delivery as alone, and the close returns the mark. An event with several
+/// deliveries is settled from all of them, once all have closed.
+///
+/// The store never adds a delivery to an event after its fan-out; the test writes one by
+/// hand beside an alone delivery, as only an operator could, to show that the settle does
+/// not read it: read, the open delivery would keep the event from settling.
+async fn an_event_whose_only_delivery_closes_is_settled_from_that_delivery(f: &Fixture) {
+    let created = f.store.append(&order("o-1", 1)).await.expect("append");
+    let paid = f
+        .store
+        .append(&NewEvent::new(
+            "payment.captured",
+            "order",
+            "o-2",
+            json!({}),
+        ))
+        .await
+        .expect("append");
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out");
+    let alone = |event_id: i64| {
+        format!("SELECT count(*) FROM herald_deliveries WHERE event_id = {event_id} AND alone")
+    };
+    assert_eq!(f.count(&alone(created)).await, 1, "one route: alone");
+    assert_eq!(f.count(&alone(paid)).await, 0, "two routes: not alone");
+
+    let claimed = claim(f, "alpha", 10).await;
+    assert_eq!(claimed.len(), 3, "every delivery is due");
+    f.exec(&format!(
+        "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
+           idempotency_key) VALUES ({created}, 'by-hand', 'order', 'o-1', false, 'by-hand')"
+    ))
+    .await;
+    let (audit, others): (Vec<_>, Vec<_>) = claimed
+        .iter()
+        .partition(|c| c.event.event_id == paid && c.route == "audit");
+    let delivered: Vec<Completion> = others
+        .iter()
+        .map(|c| Completion::for_claim(c, "alpha", Outcome::delivered()))
+        .collect();
+    f.store.complete(&delivered).await.expect("complete");
+    assert_eq!(
+        status_of(f, created).await.0,
+        EventStatus::Success,
+        "settled alone"
+    );
+    assert_eq!(
+        status_of(f, paid).await.0,
+        EventStatus::Ready,
+        "one of two deliveries is still open"
+    );
+    let dead = Outcome::Dead {
+        reason: "gone".into(),
+    };
+    complete_one(f, audit[0], "alpha", dead).await;
+    assert_eq!(
+        status_of(f, paid).await,
+        (EventStatus::Dead, Some("route audit: gone".into())),
+        "settled from both"
+    );
+}
+
 /// The stored row of a claimed delivery, read with its event's detail.
 async fn stored(f: &Fixture, claimed: &store::ClaimedDelivery) -> store::Delivery {
     let detail = f
@@ -1870,6 +1936,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     append_one_and_read_it_back,
+    an_event_whose_only_delivery_closes_is_settled_from_that_delivery,
     bulk_append_is_all_or_nothing,
     producer_inserts_only_the_seed_columns,
     fan_out_routes_skips_and_refuses_visibly,

@@ -26,6 +26,8 @@ pub(crate) struct NewDelivery {
     pub behind: Option<Behind>,
     /// The event has a producer key: the ledger may know it from an earlier event.
     pub producer_keyed: bool,
+    /// The event's only delivery: its outcome alone settles the event.
+    pub alone: bool,
 }
 
 /// An event's new status and the reason an operator will read.
@@ -74,6 +76,7 @@ pub(crate) fn plan_fan_out(
             Disposition::Deliver(routes) => {
                 plan.report.routed += 1;
                 plan.report.deliveries += routes.len();
+                let alone = routes.len() == 1;
                 for route in routes {
                     plan.deliveries.push(NewDelivery {
                         event_id,
@@ -89,6 +92,7 @@ pub(crate) fn plan_fan_out(
                         start: false,
                         behind: None,
                         producer_keyed: candidate.idempotency_key.is_some(),
+                        alone,
                     });
                 }
                 plan.events.insert(event_id, candidate.into_event());
@@ -331,6 +335,39 @@ pub(crate) struct Recorded {
     pub idempotency_key: String,
 }
 
+/// What closing a batch of completions returned, and what it tells about their events.
+#[derive(Default)]
+pub(crate) struct Closed {
+    /// Each delivery whose lease held.
+    pub recorded: Vec<Recorded>,
+    /// The state of each of those that is its event's only delivery: it alone settles the
+    /// event. Fan-out writes all of an event's deliveries at once and marks such a one
+    /// (Postgres migration 0012, SQLite 0007); the mark never changes after.
+    pub alone: Vec<DeliveryState>,
+}
+
+impl Closed {
+    pub fn push(&mut self, recorded: Recorded, alone: Option<DeliveryState>) {
+        self.recorded.push(recorded);
+        self.alone.extend(alone);
+    }
+
+    /// The events of the closed deliveries that have other deliveries, which the settle
+    /// must read: in id order, each once.
+    pub fn events_to_read(&self) -> Vec<i64> {
+        let alone: HashSet<i64> = self.alone.iter().map(|(event_id, ..)| *event_id).collect();
+        let mut event_ids: Vec<i64> = self
+            .recorded
+            .iter()
+            .map(|r| r.event_id)
+            .filter(|event_id| !alone.contains(event_id))
+            .collect();
+        event_ids.sort_unstable();
+        event_ids.dedup();
+        event_ids
+    }
+}
+
 /// The completions the idempotency ledger records: delivered or skipped, under a
 /// producer's key. A derived key names one delivery only, whose attempts log already
 /// says that it completed (claims read it there); a ledger row for it would never be
@@ -392,7 +429,7 @@ pub(crate) fn duration_us(duration: Duration) -> i64 {
 /// last error), ordered by event then delivery.
 pub(crate) type DeliveryState = (i64, DeliveryStatus, String, Option<String>);
 
-/// The new status of each event, from all of its deliveries.
+/// The new status of each event, from all of its deliveries (each event's together).
 pub(crate) fn resettle(states: Vec<DeliveryState>) -> Vec<Settlement> {
     let mut by_event: Vec<(i64, Vec<RouteState>)> = Vec::new();
     for (event_id, status, route, error) in states {
@@ -431,6 +468,7 @@ mod tests {
             start: false,
             behind: None,
             producer_keyed: false,
+            alone: true,
         }
     }
 

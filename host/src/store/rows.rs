@@ -290,13 +290,21 @@ fn over_limit(row: &impl StoreRow, column: &str, max_event_bytes: u64) -> Option
     }
 }
 
-pub(crate) fn recorded(row: &impl StoreRow) -> StoreResult<Recorded> {
-    Ok(Recorded {
+/// A closed delivery's row: what it is and, when it is its event's only delivery
+/// (`alone`), its state, which settles the event.
+pub(crate) fn closed(row: &impl StoreRow) -> StoreResult<(Recorded, Option<DeliveryState>)> {
+    let recorded = Recorded {
         delivery_id: row.int("delivery_id")?,
         event_id: row.int("event_id")?,
         route: row.text("route")?,
         idempotency_key: row.text("idempotency_key")?,
-    })
+    };
+    let alone = if row.flag("alone")? {
+        Some(delivery_state(row)?)
+    } else {
+        None
+    };
+    Ok((recorded, alone))
 }
 
 /// A row of `event_id, status, route, last_error` from `herald_deliveries`.

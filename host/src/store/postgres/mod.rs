@@ -27,7 +27,7 @@ use plans::{
     STARTED_LEDGER, TAKE_NEW_EVENTS,
 };
 
-use super::batch::{self, DeliveryUpdate, LaneState, NewDelivery, Recorded, Settlement};
+use super::batch::{self, Closed, DeliveryUpdate, LaneState, NewDelivery, Recorded, Settlement};
 use super::error::QueryContext;
 use super::fan_out::Candidate;
 use super::filters::{push_delivery_filter, push_event_filter};
@@ -216,6 +216,7 @@ async fn insert_deliveries(
         .bind(deliveries.iter().map(|d| d.start).collect::<Vec<_>>())
         .bind(start.map(|s| s.owner.as_str()))
         .bind(start.map_or(0.0, |s| s.lease.as_secs_f64()))
+        .bind(deliveries.iter().map(|d| d.alone).collect::<Vec<_>>())
         .fetch_all(conn)
         .await
         .doing("creating deliveries")?;
@@ -334,32 +335,36 @@ async fn events_deliveries(conn: &mut PgConnection, event_ids: &[i64]) -> StoreR
 
 /// Settle the events of the deliveries this transaction has just closed.
 ///
-/// An event all of whose deliveries were closed here needs no lock of its own: this
-/// transaction holds the row lock of each of them ([`lock_deliveries`] took it), so no
-/// other transaction can change any of them, or settle the event from them, before this
-/// one commits. Only the events with a delivery not closed here take the locked path of
-/// [`resettle_events`], which reads their deliveries again under the lock. In a drain of
-/// single-route events that is none of them: a lock (a WAL record) per event and a
-/// statement per outcome batch fewer.
-async fn settle_closed(conn: &mut PgConnection, recorded: &[Recorded]) -> StoreResult<()> {
-    let mut event_ids: Vec<i64> = recorded.iter().map(|r| r.event_id).collect();
-    event_ids.sort_unstable();
-    event_ids.dedup();
-    if event_ids.is_empty() {
-        return Ok(());
-    }
-    let closed_here: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
-    let rows = events_deliveries(&mut *conn, &event_ids).await?;
+/// An event whose only delivery closed here is settled from the row the close returned:
+/// nothing else can change its status (fan-out wrote all of an event's deliveries at
+/// once, and this transaction holds the one row lock). A drain of events with one route
+/// each reads no delivery to settle them.
+///
+/// An event with several deliveries, all of them closed here, needs no lock of its own
+/// either: this transaction holds the row lock of each of them ([`lock_deliveries`] took
+/// it), so no other transaction can change any of them, or settle the event from them,
+/// before this one commits; they are read to settle it. Only the events with a delivery
+/// not closed here take the locked path of [`resettle_events`], which reads their
+/// deliveries again under the lock.
+async fn settle_closed(conn: &mut PgConnection, closed: Closed) -> StoreResult<()> {
+    let event_ids = closed.events_to_read();
+    let Closed {
+        recorded,
+        alone: mut states,
+    } = closed;
     let mut shared: HashSet<i64> = HashSet::new();
-    let mut states = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let state = rows::delivery_state(row)?;
-        if !closed_here.contains(&row.int("delivery_id")?) {
-            shared.insert(state.0);
+    if !event_ids.is_empty() {
+        let closed_here: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
+        for row in &events_deliveries(&mut *conn, &event_ids).await? {
+            let state = rows::delivery_state(row)?;
+            if !closed_here.contains(&row.int("delivery_id")?) {
+                shared.insert(state.0);
+            }
+            states.push(state);
         }
-        states.push(state);
     }
     states.retain(|(event_id, ..)| !shared.contains(event_id));
+    states.sort_by_key(|(event_id, ..)| *event_id);
     apply_settlements(&mut *conn, &batch::resettle(states)).await?;
     resettle_events(conn, shared.into_iter().collect()).await
 }
@@ -404,7 +409,7 @@ async fn lock_deliveries(conn: &mut PgConnection, ids: &[i64]) -> StoreResult<()
 async fn close_deliveries(
     conn: &mut PgConnection,
     completions: &[Completion],
-) -> StoreResult<Vec<Recorded>> {
+) -> StoreResult<Closed> {
     let updates: Vec<DeliveryUpdate> = completions.iter().map(DeliveryUpdate::of).collect();
     let ids: Vec<i64> = completions.iter().map(|c| c.delivery_id).collect();
     lock_deliveries(&mut *conn, &ids).await?;
@@ -433,7 +438,12 @@ async fn close_deliveries(
         .fetch_all(conn)
         .await
         .doing("recording delivery outcomes")?;
-    rows.iter().map(rows::recorded).collect()
+    let mut closed = Closed::default();
+    for row in &rows {
+        let (recorded, alone) = rows::closed(row)?;
+        closed.push(recorded, alone);
+    }
+    Ok(closed)
 }
 
 /// The attempts log and the idempotency ledger for the completions that held.
@@ -617,10 +627,10 @@ impl EventStore for PostgresStore {
             .begin_with(PLAN_ONCE)
             .await
             .doing("starting to record outcomes")?;
-        let recorded = close_deliveries(&mut tx, completions).await?;
-        let matched = batch::matched(completions, &recorded);
+        let closed = close_deliveries(&mut tx, completions).await?;
+        let matched = batch::matched(completions, &closed.recorded);
         log_attempts(&mut tx, &matched).await?;
-        let held: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
+        let held: HashSet<i64> = closed.recorded.iter().map(|r| r.delivery_id).collect();
         let mut results = Vec::with_capacity(completions.len());
         for completion in completions {
             if !held.contains(&completion.delivery_id) {
@@ -636,7 +646,7 @@ impl EventStore for PostgresStore {
             }
             results.push(CompletionResult::Committed { emitted });
         }
-        settle_closed(&mut tx, &recorded).await?;
+        settle_closed(&mut tx, closed).await?;
         tx.commit().await.doing("committing outcomes")?;
         Ok(results)
     }

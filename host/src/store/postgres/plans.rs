@@ -107,15 +107,15 @@ pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest \
 /// date back to now at the latest ([`CLOSE_DELIVERIES`], `release`).
 pub const INSERT_DELIVERIES: &str = "WITH created AS (\
        INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
-         idempotency_key, locked_by, locked_until, attempts, next_attempt_at) \
-       SELECT event_id, route, entity_type, entity_id, ordered, key, \
+         idempotency_key, alone, locked_by, locked_until, attempts, next_attempt_at) \
+       SELECT event_id, route, entity_type, entity_id, ordered, key, alone, \
          CASE WHEN start THEN $8 END, \
          CASE WHEN start THEN now() + make_interval(secs => $9) END, \
          CASE WHEN start THEN 1 ELSE 0 END, \
          CASE WHEN start THEN now() + make_interval(secs => $9) ELSE now() END \
        FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[], \
-           $6::text[], $7::bool[]) AS u(event_id, route, entity_type, entity_id, \
-           ordered, key, start) \
+           $6::text[], $7::bool[], $10::bool[]) AS u(event_id, route, entity_type, \
+           entity_id, ordered, key, start, alone) \
        RETURNING delivery_id, event_id, route, locked_by IS NOT NULL AS started) \
      SELECT delivery_id, event_id, route FROM created WHERE started";
 
@@ -139,7 +139,7 @@ pub const SETTLE_EVENTS: &str =
 pub const LOCK_EVENTS: &str =
     "SELECT 1 FROM events WHERE event_id = ANY($1) ORDER BY event_id FOR UPDATE";
 
-/// Outcome: every delivery of the events to settle.
+/// Outcome: every delivery of the events to settle (of those with more than one).
 pub const EVENTS_DELIVERIES: &str =
     "SELECT delivery_id, event_id, status, route, last_error FROM herald_deliveries \
      WHERE event_id = ANY($1) ORDER BY event_id, delivery_id";
@@ -148,9 +148,11 @@ pub const EVENTS_DELIVERIES: &str =
 pub const LOCK_DELIVERIES: &str = "SELECT 1 FROM herald_deliveries WHERE delivery_id = ANY($1) \
      ORDER BY delivery_id FOR UPDATE";
 
-/// Outcome: close the deliveries whose lease still holds. "Still open" is `NOT IN` the
-/// closed states rather than `IN` the open ones, which would let a plan walk a partial
-/// index over every open delivery; `= ANY($1)` lets every plan reach them by primary key.
+/// Outcome: close the deliveries whose lease still holds. Each comes back with whether it
+/// is its event's only delivery (migration 0012) and, for when it is, what settles the
+/// event. "Still open" is `NOT IN` the closed states rather than `IN` the open ones, which
+/// would let a plan walk a partial index over every open delivery; `= ANY($1)` lets every
+/// plan reach them by primary key.
 pub const CLOSE_DELIVERIES: &str = "UPDATE herald_deliveries d SET status = u.status, \
      next_attempt_at = CASE WHEN u.status = 'RETRY' \
        THEN now() + make_interval(secs => u.retry_secs) \
@@ -161,7 +163,8 @@ pub const CLOSE_DELIVERIES: &str = "UPDATE herald_deliveries d SET status = u.st
      WHERE d.delivery_id = u.id AND d.delivery_id = ANY($1) \
        AND d.locked_by = u.owner AND d.attempts = u.attempt \
        AND d.status NOT IN ('SUCCESS', 'SKIPPED', 'DEAD') \
-     RETURNING d.delivery_id, d.event_id, d.route, d.idempotency_key";
+     RETURNING d.delivery_id, d.event_id, d.route, d.idempotency_key, d.alone, d.status, \
+       d.last_error";
 
 /// Outcome: the attempts log.
 pub const LOG_ATTEMPTS: &str =

@@ -20,7 +20,9 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Statement, Transaction};
 use tokio::sync::Mutex;
 
-use crate::store::batch::{self, DeliveryUpdate, NewDelivery, Recorded, Settlement};
+use crate::store::batch::{
+    self, Closed, DeliveryState, DeliveryUpdate, NewDelivery, Recorded, Settlement,
+};
 use crate::store::error::QueryContext;
 use crate::store::fan_out::Candidate;
 use crate::store::model::{DeliveryStatus, EventStatus};
@@ -242,10 +244,10 @@ impl Writer {
 
     pub async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
         self.write("committing outcomes", Commit::Flushed, |tx, now| {
-            let recorded = close_deliveries(tx, now, completions)?;
-            let matched = batch::matched(completions, &recorded);
+            let closed = close_deliveries(tx, now, completions)?;
+            let matched = batch::matched(completions, &closed.recorded);
             log_attempts(tx, now, &matched)?;
-            let held: HashSet<i64> = recorded.iter().map(|r| r.delivery_id).collect();
+            let held: HashSet<i64> = closed.recorded.iter().map(|r| r.delivery_id).collect();
             let mut results = Vec::with_capacity(completions.len());
             for completion in completions {
                 if !held.contains(&completion.delivery_id) {
@@ -263,7 +265,7 @@ impl Writer {
                 }
                 results.push(CompletionResult::Committed { emitted });
             }
-            resettle_events(tx, recorded.iter().map(|r| r.event_id).collect())?;
+            settle_closed(tx, closed)?;
             Ok(results)
         })
         .await
@@ -603,8 +605,8 @@ fn insert_deliveries(
         .prepare_cached(
             "INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
              idempotency_key, locked_by, locked_until, attempts, next_attempt_at, created_at, \
-             updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, coalesce(?8, ?10), ?10, \
-             ?10)",
+             updated_at, alone) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, coalesce(?8, ?10), \
+             ?10, ?10, ?11)",
         )
         .doing("creating deliveries")?;
     let lease = match start {
@@ -629,6 +631,7 @@ fn insert_deliveries(
                 until,
                 attempts,
                 now.text,
+                delivery.alone,
             ])
             .doing("creating deliveries")?;
         if owner.is_some() {
@@ -696,8 +699,25 @@ fn apply_settlements(tx: &Transaction<'_>, settlements: &[Settlement]) -> StoreR
 fn resettle_events(tx: &Transaction<'_>, mut event_ids: Vec<i64>) -> StoreResult<()> {
     event_ids.sort_unstable();
     event_ids.dedup();
+    let states = delivery_states(tx, &event_ids)?;
+    apply_settlements(tx, &batch::resettle(states))
+}
+
+/// Settle the events of the deliveries just closed: an event whose only delivery closed
+/// from that delivery's row, the others from all their deliveries. (One writer: nothing
+/// else changes a delivery before this transaction ends.)
+fn settle_closed(tx: &Transaction<'_>, closed: Closed) -> StoreResult<()> {
+    let event_ids = closed.events_to_read();
+    let mut states = closed.alone;
+    states.extend(delivery_states(tx, &event_ids)?);
+    states.sort_by_key(|(event_id, ..)| *event_id);
+    apply_settlements(tx, &batch::resettle(states))
+}
+
+/// Every delivery of these events, event by event as given, each event's in id order.
+fn delivery_states(tx: &Transaction<'_>, event_ids: &[i64]) -> StoreResult<Vec<DeliveryState>> {
     if event_ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut read = tx
         .prepare_cached(
@@ -713,7 +733,7 @@ fn resettle_events(tx: &Transaction<'_>, mut event_ids: Vec<i64>) -> StoreResult
             states.push(rows::delivery_state(&columns.on(row))?);
         }
     }
-    apply_settlements(tx, &batch::resettle(states))
+    Ok(states)
 }
 
 /// Close the deliveries whose lease still holds; returns what each matched one is.
@@ -721,7 +741,7 @@ fn close_deliveries(
     tx: &Transaction<'_>,
     now: &Now,
     completions: &[Completion],
-) -> StoreResult<Vec<Recorded>> {
+) -> StoreResult<Closed> {
     let mut close = tx
         .prepare_cached(
             "UPDATE herald_deliveries SET status = ?1, \
@@ -729,11 +749,12 @@ fn close_deliveries(
              locked_by = NULL, locked_until = NULL, last_error = ?3, updated_at = ?7 \
              WHERE delivery_id = ?4 AND locked_by = ?5 AND attempts = ?6 \
                AND status IN ('PENDING', 'RETRY') \
-             RETURNING delivery_id, event_id, route, idempotency_key",
+             RETURNING delivery_id, event_id, route, idempotency_key, alone, status, \
+               last_error",
         )
         .doing("recording delivery outcomes")?;
     let columns = Columns::of(&close);
-    let mut recorded = Vec::with_capacity(completions.len());
+    let mut closed = Closed::default();
     for completion in completions {
         let update = DeliveryUpdate::of(completion);
         // Only a retry reads it (the statement's CASE): no time to format for the rest.
@@ -753,10 +774,11 @@ fn close_deliveries(
             ])
             .doing("recording delivery outcomes")?;
         if let Some(row) = found.next().doing("recording delivery outcomes")? {
-            recorded.push(rows::recorded(&columns.on(row))?);
+            let (recorded, alone) = rows::closed(&columns.on(row))?;
+            closed.push(recorded, alone);
         }
     }
-    Ok(recorded)
+    Ok(closed)
 }
 
 /// The attempts log and the idempotency ledger for the completions that held.

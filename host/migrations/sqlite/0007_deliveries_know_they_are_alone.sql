@@ -1,0 +1,13 @@
+-- Throughput (measured by herald-bench, see BENCHMARKS.md, sixteenth refresh); Postgres's
+-- migration 0012.
+--
+-- Recording an outcome settles the delivery's event, and read every delivery of that
+-- event to do it, although most events have one route and the close has just returned
+-- that one delivery. Fan-out is the only writer of deliveries and writes all of an
+-- event's deliveries at once, so it knows then whether a delivery is its event's only
+-- one, and that never changes. The close returns it, and an event whose only delivery
+-- closed is settled from that row.
+--
+-- Deliveries written before this migration read as not alone: their events are settled
+-- from all their deliveries, as before.
+ALTER TABLE herald_deliveries ADD COLUMN alone INTEGER NOT NULL DEFAULT 0;
