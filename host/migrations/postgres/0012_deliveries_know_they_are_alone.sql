@@ -1,6 +1,6 @@
 -- Throughput (measured by herald-bench, see BENCHMARKS.md, sixteenth refresh).
 --
--- Recording an outcome settles the delivery's event, and read every delivery of that
+-- Recording an outcome settles the delivery's event, and it read every delivery of that
 -- event to do it: a statement per outcome batch and an index probe per event, although
 -- most events have one route and the close already holds that one delivery. Fan-out is
 -- the only writer of deliveries and writes all of an event's deliveries at once, so it

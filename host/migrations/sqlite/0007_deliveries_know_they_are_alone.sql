@@ -1,7 +1,7 @@
 -- Throughput (measured by herald-bench, see BENCHMARKS.md, sixteenth refresh); Postgres's
 -- migration 0012.
 --
--- Recording an outcome settles the delivery's event, and read every delivery of that
+-- Recording an outcome settles the delivery's event, and it read every delivery of that
 -- event to do it, although most events have one route and the close has just returned
 -- that one delivery. Fan-out is the only writer of deliveries and writes all of an
 -- event's deliveries at once, so it knows then whether a delivery is its event's only

@@ -704,8 +704,8 @@ fn resettle_events(tx: &Transaction<'_>, mut event_ids: Vec<i64>) -> StoreResult
 }
 
 /// Settle the events of the deliveries just closed: an event whose only delivery closed
-/// from that delivery's row, the others from all their deliveries. (One writer: nothing
-/// else changes a delivery before this transaction ends.)
+/// here from that delivery's row, every other from all its deliveries. (One writer:
+/// nothing else changes a delivery before this transaction ends.)
 fn settle_closed(tx: &Transaction<'_>, closed: Closed) -> StoreResult<()> {
     let event_ids = closed.events_to_read();
     let mut states = closed.alone;
