@@ -139,7 +139,8 @@ pub const SETTLE_EVENTS: &str =
 pub const LOCK_EVENTS: &str =
     "SELECT 1 FROM events WHERE event_id = ANY($1) ORDER BY event_id FOR UPDATE";
 
-/// Outcome: every delivery of the events to settle (of those with more than one).
+/// Outcome and redrive: every delivery of the events to settle (an outcome reads only
+/// those of events with more than one delivery).
 pub const EVENTS_DELIVERIES: &str =
     "SELECT delivery_id, event_id, status, route, last_error FROM herald_deliveries \
      WHERE event_id = ANY($1) ORDER BY event_id, delivery_id";
