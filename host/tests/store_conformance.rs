@@ -149,6 +149,14 @@ async fn claim(f: &Fixture, owner: &str, limit: u32) -> Vec<store::ClaimedDelive
         .expect("claim")
 }
 
+/// One fan-out pass of up to 100 events through [`router`].
+async fn fan_out(f: &Fixture) -> store::FanOutReport {
+    f.store
+        .fan_out(&FanOutRequest::new(100), &router)
+        .await
+        .expect("fan out")
+}
+
 async fn complete_one(
     f: &Fixture,
     claimed: &store::ClaimedDelivery,
@@ -256,11 +264,7 @@ async fn producer_inserts_only_the_seed_columns(f: &Fixture) {
         .expect("list");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_status, EventStatus::Ready);
-    let report = f
-        .store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    let report = fan_out(f).await;
     assert_eq!(report.routed, 1);
     let claimed = claim(f, "a", 10).await;
     assert_eq!(claimed.len(), 1);
@@ -304,11 +308,7 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     )
     .await;
 
-    let report = f
-        .store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    let report = fan_out(f).await;
     assert_eq!(
         (
             report.routed,
@@ -364,14 +364,7 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     assert_eq!(status_of(f, routed).await.0, EventStatus::Ready);
 
     // A second pass finds nothing new: routed events are not routed twice.
-    assert_eq!(
-        f.store
-            .fan_out(&FanOutRequest::new(100), &router)
-            .await
-            .expect("fan out")
-            .events(),
-        0
-    );
+    assert_eq!(fan_out(f).await.events(), 0);
     // The producer key is the delivery key on every route of the event.
     let keyed = f
         .store
@@ -388,20 +381,13 @@ async fn late_duplicate_of_an_already_handled_key(f: &Fixture) {
         .append(&order("o-1", 1).with_key("k"))
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    fan_out(f).await;
     let second = f
         .store
         .append(&order("o-2", 2).with_key("k"))
         .await
         .expect("append");
-    let report = f
-        .store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    let report = fan_out(f).await;
     assert_eq!(report.duplicates, 1);
     let (status, reason) = status_of(f, second).await;
     assert_eq!(status, EventStatus::Duplicate);
@@ -911,11 +897,7 @@ async fn a_batch_of_mixed_outcomes_settles_each_event(f: &Fixture) {
         );
     }
     let ids = f.store.append_batch(&events).await.expect("append");
-    let fanned = f
-        .store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    let fanned = fan_out(f).await;
     assert_eq!(fanned.deliveries, 80);
     let batch = claim(f, "alpha", 100).await;
     assert_eq!(batch.len(), 80);
@@ -1000,10 +982,7 @@ async fn append_and_claim(
     events: &[NewEvent],
 ) -> (Vec<i64>, Vec<store::ClaimedDelivery>) {
     let ids = f.store.append_batch(events).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    fan_out(f).await;
     (ids, claim(f, "alpha", 100).await)
 }
 
@@ -1052,11 +1031,7 @@ async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
         .map(|n| order(&format!("K{n}"), n).with_key(format!("key-{}", n % 2)))
         .collect();
     let ids = f.store.append_batch(&events).await.expect("append");
-    let report = f
-        .store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    let report = fan_out(f).await;
     assert_eq!((report.routed, report.duplicates), (2, 4));
     assert_eq!(status_of(f, ids[0]).await.0, EventStatus::Ready);
     assert_eq!(status_of(f, ids[1]).await.0, EventStatus::Ready);
@@ -1235,10 +1210,7 @@ async fn list_filters_and_entity_history(f: &Fixture) {
         ])
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    fan_out(f).await;
 
     let newest = f
         .store
@@ -1578,10 +1550,7 @@ async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
         ))
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    fan_out(f).await;
     let paused = ClaimRequest {
         paused_routes: vec!["ledger".into()],
         ..claim_request("w", 10)
@@ -1734,10 +1703,7 @@ async fn an_event_whose_only_delivery_closes_is_settled_from_that_delivery(f: &F
         ))
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(100), &router)
-        .await
-        .expect("fan out");
+    fan_out(f).await;
     let alone = |event_id: i64| {
         format!("SELECT count(*) FROM herald_deliveries WHERE event_id = {event_id} AND alone")
     };
