@@ -1,7 +1,7 @@
 //! The whole machine's CPU time over a scenario, from `/proc/stat`: how busy it was, and
 //! how much the hypervisor took for other guests (steal). On a shared virtual machine
 //! steal is one reason two runs of the same build differ, here by up to half
-//! (BENCHMARKS.md, the eleventh refresh).
+//! (docs/benchmarks-history.md, the eleventh refresh).
 
 /// Clock ticks of all cores, summed since boot.
 #[derive(Debug, Clone, Copy)]

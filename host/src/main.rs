@@ -9,7 +9,7 @@ use herald::cli::{self, Cli};
 /// webhook drain, most of it consolidating and unlinking free chunks that tokio's worker
 /// threads hand to one another. With jemalloc the webhook drain made 21 % more events/s
 /// for 9 MiB more resident memory; mimalloc gained 12 % and tripled the resident size
-/// (BENCHMARKS.md, the eleventh refresh).
+/// (docs/benchmarks-history.md, the eleventh refresh).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

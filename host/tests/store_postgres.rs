@@ -724,7 +724,8 @@ async fn a_delivered_event_writes_no_index_entry_only_operators_read() {
 
 /// An outcome's status change on its event is a HOT update (no index entry written) only
 /// while no index of `events` names `event_status`, in its columns or its condition, and
-/// the pages keep room for the new version (migration 0007; BENCHMARKS.md).
+/// the pages keep room for the new version (migration 0007; docs/benchmarks-history.md,
+/// the refresh of 2026-12-01).
 #[tokio::test]
 async fn the_status_of_an_event_changes_without_writing_its_indexes() {
     let Some(schema) = PgSchema::create("store_pg_hot_status").await else {

@@ -58,8 +58,9 @@ pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine
     // A freed slot is reset by writing its low pages back to their initial contents
     // (only the pages the instance touched, where the kernel can say which) instead of
     // handing them back to the kernel: each `madvise` of a freed instance flushed the
-    // other core's TLB, and a fresh instance cost twice as much (BENCHMARKS.md). The
-    // reset is the same either way: the next instance sees nothing of the last.
+    // other core's TLB, and a fresh instance cost twice as much
+    // (docs/benchmarks-history.md, the seventh refresh). The reset is the same either
+    // way: the next instance sees nothing of the last.
     pool.linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
         .table_keep_resident(KEEP_RESIDENT_TABLE)
         .pagemap_scan(wasmtime::Enabled::Auto);
@@ -68,7 +69,7 @@ pub(super) fn build_engine(settings: &EngineSettings) -> wasmtime::Result<Engine
     // component model's concurrent ones. Without concurrency support a store neither sets
     // up that machinery nor takes it down on drop, and the take-down built an error value
     // each time: with `RUST_BACKTRACE=1` in the environment it captured a backtrace, 7–8
-    // µs of a fresh instance's 21 (BENCHMARKS.md, the eleventh refresh).
+    // µs of a fresh instance's 21 (docs/benchmarks-history.md, the eleventh refresh).
     config
         .wasm_component_model(true)
         .concurrency_support(false)

@@ -6,7 +6,7 @@
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
 //! small batches: at 1,000 events/s, one or two events per fan-out pass and per outcome
 //! group, Postgres spent 2.5 s of every 10 planning these statements against 2.8 s
-//! running them (BENCHMARKS.md).
+//! running them (docs/benchmarks-history.md, the second refresh).
 //!
 //! A generic plan, though, is made when a connection first runs the statement, maybe
 //! while the tables are new and small, and kept until the next ANALYZE of a table it
@@ -28,8 +28,8 @@ use crate::store::COMPLETED_KEY_COLUMNS;
 /// one-row wake-up sequence, run for every emitted event and dead notice an outcome
 /// inserts) then costs far past `jit_above_cost`. Postgres compiled each such read with
 /// LLVM, 25–160 ms apiece: a drain beside a route whose deliveries all went DEAD ran at
-/// 700 events/s instead of 15,000 (BENCHMARKS.md, fifteenth refresh). None of these
-/// statements is long enough for JIT to pay.
+/// 700 events/s instead of 15,000 (docs/benchmarks-history.md, the fifteenth refresh).
+/// None of these statements is long enough for JIT to pay.
 pub const PLAN_ONCE: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
      SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
@@ -103,8 +103,8 @@ pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest \
 /// `next_attempt_at` is the lease's end, not the insert. The claim walks the due index
 /// up to now; with every running delivery dated now, each claim in a drain stepped over
 /// all of them, leased and of no use to it (0.8 ms a claim, 7 % of Postgres's statement
-/// time in a no-op drain: BENCHMARKS.md, fifteenth refresh). Release and close bring the
-/// date back to now at the latest ([`CLOSE_DELIVERIES`], `release`).
+/// time in a no-op drain: docs/benchmarks-history.md, the fifteenth refresh). Release
+/// and close bring the date back to now at the latest ([`CLOSE_DELIVERIES`], `release`).
 pub const INSERT_DELIVERIES: &str = "WITH created AS (\
        INSERT INTO herald_deliveries (event_id, route, entity_type, entity_id, ordered, \
          idempotency_key, alone, locked_by, locked_until, attempts, next_attempt_at) \

@@ -8,8 +8,8 @@
 //! a third of the drain's profile, SQLite's own work 6 %). Called in-process, a
 //! statement costs a few microseconds, so the statements here are small, prepared once
 //! per connection, and run once per row instead of once per batch through JSON. The
-//! no-op drain gained 13 % (BENCHMARKS.md, seventh refresh); SQLite's own work is now
-//! half of its profile.
+//! no-op drain gained 13 % (docs/benchmarks-history.md, the seventh refresh); SQLite's
+//! own work is now half of its profile.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -107,7 +107,7 @@ impl Writer {
         // (`tests/store_sqlite.rs` holds the two lists together). SQLite checks `IN (…)`
         // of more than two names by building a temporary index of them on each run of a
         // statement, and this connection runs its statements once per row: the no-op
-        // drain made 20 % more without it (BENCHMARKS.md, eighth refresh).
+        // drain made 20 % more without it (docs/benchmarks-history.md, the eighth refresh).
         connection.pragma_update(None, "ignore_check_constraints", true)?;
         connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
         Ok(Writer {
@@ -339,7 +339,7 @@ fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
 /// A transaction's "now", read once as it begins: every timestamp it writes or compares
 /// against is this one, in the stored text format. Asking SQLite instead (`strftime` of
 /// 'now') formatted the time again for every row written and every row a claim looked
-/// at, 4.7 % of the no-op drain's profile (BENCHMARKS.md, eighth refresh).
+/// at, 4.7 % of the no-op drain's profile (docs/benchmarks-history.md, the eighth refresh).
 struct Now {
     at: DateTime<Utc>,
     text: String,
@@ -369,7 +369,7 @@ impl Now {
 /// A statement's column names, read once per run. rusqlite finds a column by name by
 /// asking SQLite for each column's name in turn, a C string measured and checked on every
 /// look-up; a claim reads some 20 columns of every row by name, and that search was 5 % of
-/// the SQLite drain's profile (BENCHMARKS.md, ninth refresh).
+/// the SQLite drain's profile (docs/benchmarks-history.md, the ninth refresh).
 struct Columns(Vec<String>);
 
 impl Columns {
