@@ -149,10 +149,10 @@ async fn claim(f: &Fixture, owner: &str, limit: u32) -> Vec<store::ClaimedDelive
         .expect("claim")
 }
 
-/// One fan-out pass of up to 100 events through [`router`].
-async fn fan_out(f: &Fixture) -> store::FanOutReport {
+/// One fan-out pass of up to `limit` events through [`router`].
+async fn fan_out(f: &Fixture, limit: u32) -> store::FanOutReport {
     f.store
-        .fan_out(&FanOutRequest::new(100), &router)
+        .fan_out(&FanOutRequest::new(limit), &router)
         .await
         .expect("fan out")
 }
@@ -264,7 +264,7 @@ async fn producer_inserts_only_the_seed_columns(f: &Fixture) {
         .expect("list");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_status, EventStatus::Ready);
-    let report = fan_out(f).await;
+    let report = fan_out(f, 100).await;
     assert_eq!(report.routed, 1);
     let claimed = claim(f, "a", 10).await;
     assert_eq!(claimed.len(), 1);
@@ -308,7 +308,7 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     )
     .await;
 
-    let report = fan_out(f).await;
+    let report = fan_out(f, 100).await;
     assert_eq!(
         (
             report.routed,
@@ -364,7 +364,7 @@ async fn fan_out_routes_skips_and_refuses_visibly(f: &Fixture) {
     assert_eq!(status_of(f, routed).await.0, EventStatus::Ready);
 
     // A second pass finds nothing new: routed events are not routed twice.
-    assert_eq!(fan_out(f).await.events(), 0);
+    assert_eq!(fan_out(f, 100).await.events(), 0);
     // The producer key is the delivery key on every route of the event.
     let keyed = f
         .store
@@ -381,13 +381,13 @@ async fn late_duplicate_of_an_already_handled_key(f: &Fixture) {
         .append(&order("o-1", 1).with_key("k"))
         .await
         .expect("append");
-    fan_out(f).await;
+    fan_out(f, 100).await;
     let second = f
         .store
         .append(&order("o-2", 2).with_key("k"))
         .await
         .expect("append");
-    let report = fan_out(f).await;
+    let report = fan_out(f, 100).await;
     assert_eq!(report.duplicates, 1);
     let (status, reason) = status_of(f, second).await;
     assert_eq!(status, EventStatus::Duplicate);
@@ -401,10 +401,7 @@ async fn concurrent_claimers_never_share_a_delivery(f: &Fixture) {
         .map(|n| NewEvent::new("bulk.item", "item", format!("i-{n}"), json!({ "n": n })))
         .collect();
     f.store.append_batch(&events).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(1000), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 1000).await;
 
     let mut seen = HashSet::new();
     loop {
@@ -425,10 +422,7 @@ async fn concurrent_claimers_never_share_a_delivery(f: &Fixture) {
 
 async fn a_live_lease_holds_and_an_expired_one_is_taken_over(f: &Fixture) {
     f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let first = claim(f, "alpha", 10).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
@@ -462,10 +456,7 @@ async fn a_live_lease_holds_and_an_expired_one_is_taken_over(f: &Fixture) {
 
 async fn a_zero_lease_expires_at_once(f: &Fixture) {
     f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let request = ClaimRequest {
         owner: "alpha".into(),
         limit: 10,
@@ -482,10 +473,7 @@ async fn completion_writes_attempt_ledger_emits_and_status_together(f: &Fixture)
         .append(&order("o-1", 1).with_key("k-1"))
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let claimed = claim(f, "alpha", 10).await;
     let follow_up = NewEvent::new(
         "invoice.requested",
@@ -548,10 +536,7 @@ async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
         .append(&order("o-2", 2).with_key("k-2"))
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let claimed = claim(f, "alpha", 10).await;
     assert_eq!(claimed.len(), 2);
     for delivery in &claimed {
@@ -594,10 +579,7 @@ async fn a_completed_key_is_reported_on_a_later_claim(f: &Fixture) {
 
 async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let first = claim(f, "alpha", 10).await;
     complete_one(
         f,
@@ -646,10 +628,7 @@ async fn retry_waits_then_succeeds_with_every_attempt_logged(f: &Fixture) {
 
 async fn dead_is_final_and_listed(f: &Fixture) {
     let id = f.store.append(&order("o-1", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let claimed = claim(f, "alpha", 10).await;
     let mut completion = Completion::for_claim(
         &claimed[0],
@@ -703,10 +682,7 @@ async fn redrive_sends_dead_deliveries_again(f: &Fixture) {
         ])
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(batch.len(), 4);
     for delivery in &batch {
@@ -769,10 +745,7 @@ async fn later_events_of_an_entity_wait_for_earlier_ones(f: &Fixture) {
     let a1 = f.store.append(&order("A", 1)).await.expect("append");
     let a2 = f.store.append(&order("A", 2)).await.expect("append");
     let b1 = f.store.append(&order("B", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
 
     let batch = claim(f, "alpha", 10).await;
     let ids: HashSet<i64> = batch.iter().map(|d| d.event.event_id).collect();
@@ -824,10 +797,7 @@ async fn unordered_routes_do_not_wait(f: &Fixture) {
             .await
             .expect("append");
     }
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let batch = claim(f, "alpha", 10).await;
     let per_route = |route: &str| batch.iter().filter(|d| d.route == route).count();
     assert_eq!(
@@ -847,10 +817,7 @@ async fn a_lost_lease_in_a_batch_writes_nothing_for_it(f: &Fixture) {
         .append_batch(&[order("A", 1), order("B", 1)])
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(batch.len(), 2);
     let mut stale = Completion::for_claim(
@@ -897,7 +864,7 @@ async fn a_batch_of_mixed_outcomes_settles_each_event(f: &Fixture) {
         );
     }
     let ids = f.store.append_batch(&events).await.expect("append");
-    let fanned = fan_out(f).await;
+    let fanned = fan_out(f, 100).await;
     assert_eq!(fanned.deliveries, 80);
     let batch = claim(f, "alpha", 100).await;
     assert_eq!(batch.len(), 80);
@@ -982,7 +949,7 @@ async fn append_and_claim(
     events: &[NewEvent],
 ) -> (Vec<i64>, Vec<store::ClaimedDelivery>) {
     let ids = f.store.append_batch(events).await.expect("append");
-    fan_out(f).await;
+    fan_out(f, 100).await;
     (ids, claim(f, "alpha", 100).await)
 }
 
@@ -1031,7 +998,7 @@ async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
         .map(|n| order(&format!("K{n}"), n).with_key(format!("key-{}", n % 2)))
         .collect();
     let ids = f.store.append_batch(&events).await.expect("append");
-    let report = fan_out(f).await;
+    let report = fan_out(f, 100).await;
     assert_eq!((report.routed, report.duplicates), (2, 4));
     assert_eq!(status_of(f, ids[0]).await.0, EventStatus::Ready);
     assert_eq!(status_of(f, ids[1]).await.0, EventStatus::Ready);
@@ -1054,10 +1021,7 @@ async fn repeated_keys_within_one_fan_out_batch(f: &Fixture) {
 
 async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
     f.store.append(&order("A", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let batch = claim(f, "alpha", 10).await;
     assert_eq!(
         f.store
@@ -1079,10 +1043,7 @@ async fn release_returns_leases_without_spending_an_attempt(f: &Fixture) {
 
 async fn renewal_keeps_a_lease_alive_only_for_its_owner(f: &Fixture) {
     f.store.append(&order("A", 1)).await.expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     let short = ClaimRequest {
         owner: "alpha".into(),
         limit: 10,
@@ -1132,10 +1093,7 @@ async fn instances_show_heartbeats_and_held_leases(f: &Fixture) {
         .append_batch(&[order("A", 1), order("B", 1)])
         .await
         .expect("append");
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     assert_eq!(claim(f, "alpha", 10).await.len(), 2);
 
     let seen = f
@@ -1176,10 +1134,7 @@ async fn backlog_counts_ready_events_and_waiting_retries(f: &Fixture) {
         .expect("append");
     let backlog = f.store.backlog().await.expect("backlog");
     assert_eq!((backlog.ready_events, backlog.waiting_retry), (2, 0));
-    f.store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    fan_out(f, 10).await;
     // Fanned out, each with its delivery open: still READY.
     let backlog = f.store.backlog().await.expect("backlog");
     assert_eq!((backlog.ready_events, backlog.waiting_retry), (2, 0));
@@ -1210,7 +1165,7 @@ async fn list_filters_and_entity_history(f: &Fixture) {
         ])
         .await
         .expect("append");
-    fan_out(f).await;
+    fan_out(f, 100).await;
 
     let newest = f
         .store
@@ -1489,11 +1444,7 @@ async fn sql_meta_characters_round_trip(f: &Fixture) {
         .await
         .expect("append");
 
-    let report = f
-        .store
-        .fan_out(&FanOutRequest::new(10), &router)
-        .await
-        .expect("fan out");
+    let report = fan_out(f, 10).await;
     assert_eq!((report.routed, report.skipped), (1, 1), "{report:?}");
     assert_eq!(
         status_of(f, unrouted).await.1,
@@ -1550,7 +1501,7 @@ async fn a_quarantined_plugins_routes_are_left_unclaimed(f: &Fixture) {
         ))
         .await
         .expect("append");
-    fan_out(f).await;
+    fan_out(f, 100).await;
     let paused = ClaimRequest {
         paused_routes: vec!["ledger".into()],
         ..claim_request("w", 10)
@@ -1703,7 +1654,7 @@ async fn an_event_whose_only_delivery_closes_is_settled_from_that_delivery(f: &F
         ))
         .await
         .expect("append");
-    fan_out(f).await;
+    fan_out(f, 100).await;
     let alone = |event_id: i64| {
         format!("SELECT count(*) FROM herald_deliveries WHERE event_id = {event_id} AND alone")
     };
