@@ -42,6 +42,9 @@ Scenarios:
   ledger-ceiling
             the same keeping a ledger under a lease: each transaction settles the 100
             rows leased before, with a delivery and an attempt each, and leases 100 more
+  batch-ledger
+            the same with a claim row and a ledger row per batch instead of per event
+            (Postgres only; not Herald's ledger, what one would cost)
   noop      drain N preloaded events through the no-op plugin, with peak RSS
   webhook   the same through the webhook plugin to a loopback HTTP sink
   latency   created -> delivered at a steady 1,000 events/s while Herald runs

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
 use super::{preload, with_env, Ctx};
-use crate::report::{count, rate, secs, Table};
+use crate::report::{count, rate, ratio, secs, Table};
 use crate::setup::{Backend, Db, Env};
 use crate::tuning::{CEILING_BATCH, CEILING_RELAYS};
 
@@ -108,6 +108,40 @@ pub(super) async fn run_relays(
         bail!("the relays claimed {relayed} rows and {done} are SUCCESS, expected {n}");
     }
     Ok(elapsed)
+}
+
+/// Run a relay scenario that is compared with the bare ceiling on a fresh env of
+/// `backend`, and add its row to `table`: rows relayed, seconds, rows/s and the ratio to
+/// the ceiling's rows/s, if this run measured it. Answers rows/s, `None` if it failed.
+pub(super) async fn versus_ceiling(
+    ctx: &mut Ctx,
+    table: &mut Table,
+    backend: Backend,
+    scenario: &str,
+    measure: impl AsyncFnOnce(&Env) -> anyhow::Result<Duration>,
+) -> Option<f64> {
+    let n = ctx.sizes.events;
+    match with_env(backend, scenario, measure).await {
+        Ok(elapsed) => {
+            let per_sec = n as f64 / elapsed.as_secs_f64();
+            let versus = ctx
+                .ceiling
+                .get(&backend)
+                .map_or("-".to_string(), |ceiling| ratio(per_sec / ceiling));
+            table.row(vec![
+                backend.name().to_string(),
+                count(n),
+                secs(elapsed),
+                rate(per_sec),
+                versus,
+            ]);
+            Some(per_sec)
+        }
+        Err(err) => {
+            ctx.fail(table, backend.name(), &err);
+            None
+        }
+    }
 }
 
 /// A claimed row as a relay would publish it.

@@ -16,9 +16,9 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
-use super::ceiling::{create_events_table, in_write_transaction, run_relays, Row};
-use super::{preload, with_env, Ctx};
-use crate::report::{count, rate, ratio, secs, Table};
+use super::ceiling::{create_events_table, in_write_transaction, run_relays, versus_ceiling, Row};
+use super::{preload, Ctx};
+use crate::report::{count, Table};
 use crate::setup::{Backend, Db, Env};
 use crate::tuning::{CEILING_BATCH, CEILING_RELAYS};
 
@@ -115,7 +115,7 @@ const PG_RECORD: &str = "WITH settled AS (UPDATE bench_ledger_events \
 const SQLITE_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
 
 /// A plugin version as long as the content hash Herald records.
-const PLUGIN_VERSION: &str =
+pub(super) const PLUGIN_VERSION: &str =
     "sha256:5f1d7c0e9a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d";
 
 pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
@@ -136,27 +136,12 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
          plugin: the most a relay keeping this ledger can do here.",
     );
     for &backend in backends {
-        match with_env(backend, "ledger_ceiling", async |env: &Env| {
+        let measured = versus_ceiling(ctx, &mut table, backend, "ledger_ceiling", async |env| {
             relay(env, n).await
         })
-        .await
-        {
-            Ok(elapsed) => {
-                let per_sec = n as f64 / elapsed.as_secs_f64();
-                ctx.ledger_ceiling.insert(backend, per_sec);
-                let versus = ctx
-                    .ceiling
-                    .get(&backend)
-                    .map_or("-".to_string(), |ceiling| ratio(per_sec / ceiling));
-                table.row(vec![
-                    backend.name().to_string(),
-                    count(n),
-                    secs(elapsed),
-                    rate(per_sec),
-                    versus,
-                ]);
-            }
-            Err(err) => ctx.fail(&mut table, backend.name(), &err),
+        .await;
+        if let Some(per_sec) = measured {
+            ctx.ledger_ceiling.insert(backend, per_sec);
         }
     }
     table

@@ -2,6 +2,7 @@
 //! and returns its table; a failure on one backend is reported in its row and the run goes
 //! on (the exit code says something failed).
 
+mod batch_ledger;
 mod ceiling;
 mod drain;
 mod hotswap;
@@ -26,6 +27,7 @@ use crate::tuning::Sizes;
 pub enum Scenario {
     Ceiling,
     LedgerCeiling,
+    BatchLedger,
     Noop,
     Webhook,
     Latency,
@@ -36,9 +38,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Ceiling,
         Scenario::LedgerCeiling,
+        Scenario::BatchLedger,
         Scenario::Noop,
         Scenario::Webhook,
         Scenario::Latency,
@@ -88,6 +91,7 @@ async fn run_one(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Tab
     match scenario {
         Scenario::Ceiling => ceiling::table(ctx, backends).await,
         Scenario::LedgerCeiling => ledger_ceiling::table(ctx, backends).await,
+        Scenario::BatchLedger => batch_ledger::table(ctx, backends).await,
         Scenario::Noop => drain::table(ctx, backends, drain::Plugin::Noop).await,
         Scenario::Webhook => drain::table(ctx, backends, drain::Plugin::Webhook).await,
         Scenario::Latency => latency::table(ctx, backends).await,
