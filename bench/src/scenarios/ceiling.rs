@@ -110,6 +110,10 @@ pub(super) async fn run_relays(
     Ok(elapsed)
 }
 
+/// The columns of a table whose rows [`versus_ceiling`] writes.
+pub(super) const VERSUS_CEILING_COLUMNS: [&str; 5] =
+    ["backend", "rows", "seconds", "rows/s", "vs ceiling"];
+
 /// Run a relay scenario that is compared with the bare ceiling on a fresh env of
 /// `backend`, and add its row to `table`: rows relayed, seconds, rows/s and the ratio to
 /// the ceiling's rows/s, if this run measured it. Answers rows/s, `None` if it failed.

@@ -16,7 +16,10 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 
-use super::ceiling::{create_events_table, in_write_transaction, run_relays, versus_ceiling, Row};
+use super::ceiling::{
+    create_events_table, in_write_transaction, run_relays, versus_ceiling, Row,
+    VERSUS_CEILING_COLUMNS,
+};
 use super::{preload, Ctx};
 use crate::report::{count, Table};
 use crate::setup::{Backend, Db, Env};
@@ -125,7 +128,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
             "1b. Ledger ceiling: raw SQL relay keeping a ledger under a lease, without Herald ({} rows, {CEILING_RELAYS} connections, {CEILING_BATCH} per batch)",
             count(n)
         ),
-        &["backend", "rows", "seconds", "rows/s", "vs ceiling"],
+        &VERSUS_CEILING_COLUMNS,
     );
     table.note(
         "The ceiling's table with a lease (`locked_by`, `locked_until`), and a deliveries \
