@@ -91,9 +91,18 @@ impl Db {
         value.with_context(|| format!("running `{sql}`"))
     }
 
-    /// Attempts the store has numbered so far: the attempts log's id counter, read in
+    /// Where every recorded attempt can be read: on Postgres a view over the attempts log
+    /// and the outcome batches (migration 0013).
+    pub fn attempts(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "herald_attempts",
+            Db::Postgres(_) => "herald_attempt_records",
+        }
+    }
+
+    /// Attempts the store has recorded so far: the attempts log's id counter, read in
     /// constant time (a count would walk the log, or the backlog, that a drain is
-    /// writing).
+    /// writing), and on Postgres the outcome batches' entries (a row per hundreds).
     pub async fn attempts_numbered(&self) -> anyhow::Result<i64> {
         self.scalar(match self {
             Db::Sqlite(_) => {
@@ -102,7 +111,9 @@ impl Db {
             }
             Db::Postgres(_) => {
                 "SELECT coalesce(pg_sequence_last_value(\
-                   pg_get_serial_sequence('herald_attempts', 'attempt_id')), 0)"
+                   pg_get_serial_sequence('herald_attempts', 'attempt_id')), 0) \
+                 + (SELECT coalesce(sum(cardinality(delivery_ids)), 0) \
+                   FROM herald_outcome_batches)::bigint"
             }
         })
         .await
@@ -125,16 +136,23 @@ impl Db {
     /// table it measures: new events are found through the fan-out queue there
     /// (migration 0008), and above the fan-out cursor on SQLite (its migration 0005).
     fn ready_events_sql(&self, filter: &str) -> String {
-        let not_fanned_out = match self {
-            Db::Sqlite(_) => "event_id > (SELECT last_event_id FROM herald_fan_out_cursor)",
-            Db::Postgres(_) => "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
+        // On Postgres an open delivery is a row or a claim item (migration 0013).
+        let (not_fanned_out, claimed) = match self {
+            Db::Sqlite(_) => (
+                "event_id > (SELECT last_event_id FROM herald_fan_out_cursor)",
+                "",
+            ),
+            Db::Postgres(_) => (
+                "event_id IN (SELECT event_id FROM herald_fan_out_queue)",
+                " UNION SELECT unnest(event_ids) FROM herald_claims",
+            ),
         };
         format!(
             "SELECT (SELECT count(*) FROM events WHERE {not_fanned_out} \
                AND event_status = 'READY'{filter}) \
              + (SELECT count(*) FROM events WHERE event_status = 'READY'{filter} \
                AND event_id IN (SELECT event_id FROM herald_deliveries \
-                 WHERE status IN ('PENDING', 'RETRY')))"
+                 WHERE status IN ('PENDING', 'RETRY'){claimed}))"
         )
     }
 

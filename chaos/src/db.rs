@@ -102,7 +102,8 @@ impl Db {
         let (events, open_events, open_deliveries): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM events), \
                (SELECT count(*) FROM events WHERE event_status IN ('READY', 'FAILED')), \
-               (SELECT count(*) FROM herald_deliveries WHERE status IN ('PENDING', 'RETRY'))",
+               (SELECT count(*) FROM herald_open_delivery_records \
+               WHERE status IN ('PENDING', 'RETRY'))",
         )
         .fetch_one(&self.pool)
         .await
@@ -145,7 +146,7 @@ impl Db {
     /// until another instance claims the delivery).
     pub async fn leases_of(&self, id: &str) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM herald_deliveries \
+            "SELECT count(*) FROM herald_open_delivery_records \
              WHERE locked_by = $1 AND status IN ('PENDING', 'RETRY')",
         )
         .bind(id)
@@ -156,7 +157,8 @@ impl Db {
     /// Whether instance `id` has recorded an attempt on plugin version `version`.
     pub async fn ran_version(&self, id: &str, version: &str) -> anyhow::Result<bool> {
         let found: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM herald_attempts WHERE instance = $1 AND plugin_version = $2 LIMIT 1",
+            "SELECT 1 FROM herald_attempt_records WHERE instance = $1 AND plugin_version = $2 \
+             LIMIT 1",
         )
         .bind(id)
         .bind(version)
@@ -178,7 +180,7 @@ impl Db {
     pub async fn deliveries(&self) -> anyhow::Result<Vec<DeliveryRow>> {
         sqlx::query_as(
             "SELECT event_id, idempotency_key, status, last_error, attempts \
-             FROM herald_deliveries ORDER BY delivery_id",
+             FROM herald_delivery_records ORDER BY delivery_id",
         )
         .fetch_all(&self.pool)
         .await
@@ -188,13 +190,15 @@ impl Db {
     /// Attempts per instance id, and per outcome.
     pub async fn attempts(&self) -> anyhow::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
         let by_instance = sqlx::query_as(
-            "SELECT instance, count(*) FROM herald_attempts GROUP BY instance ORDER BY instance",
+            "SELECT instance, count(*) FROM herald_attempt_records GROUP BY instance \
+             ORDER BY instance",
         )
         .fetch_all(&self.pool)
         .await
         .context("counting attempts per instance")?;
         let by_outcome = sqlx::query_as(
-            "SELECT outcome, count(*) FROM herald_attempts GROUP BY outcome ORDER BY outcome",
+            "SELECT outcome, count(*) FROM herald_attempt_records GROUP BY outcome \
+             ORDER BY outcome",
         )
         .fetch_all(&self.pool)
         .await
@@ -204,7 +208,7 @@ impl Db {
 
     /// Distinct plugin versions that ran attempts.
     pub async fn versions_run(&self) -> anyhow::Result<i64> {
-        sqlx::query_scalar("SELECT count(DISTINCT plugin_version) FROM herald_attempts")
+        sqlx::query_scalar("SELECT count(DISTINCT plugin_version) FROM herald_attempt_records")
             .fetch_one(&self.pool)
             .await
             .context("counting plugin versions")

@@ -161,6 +161,9 @@ impl EventStore for CrashBeforeCommit {
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         self.inner.claim(request).await
     }
+    fn paces_fan_out(&self) -> bool {
+        self.inner.paces_fan_out()
+    }
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
         let crashed = self
             .remaining

@@ -144,15 +144,21 @@ async fn measure(env: &Env, plugins: &Path, sizes: &Sizes) -> anyhow::Result<Swa
         events,
         attempts: env
             .db
-            .scalar("SELECT count(*) FROM herald_attempts")
+            .scalar(&format!("SELECT count(*) FROM {}", env.db.attempts()))
             .await?,
         not_delivered: env
             .db
-            .scalar("SELECT count(*) FROM herald_attempts WHERE outcome <> 'DELIVERED'")
+            .scalar(&format!(
+                "SELECT count(*) FROM {} WHERE outcome <> 'DELIVERED'",
+                env.db.attempts()
+            ))
             .await?,
         versions: env
             .db
-            .scalar("SELECT count(DISTINCT plugin_version) FROM herald_attempts")
+            .scalar(&format!(
+                "SELECT count(DISTINCT plugin_version) FROM {}",
+                env.db.attempts()
+            ))
             .await?,
     })
 }

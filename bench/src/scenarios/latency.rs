@@ -28,13 +28,21 @@ struct Measured {
 }
 
 /// The stages of created → plugin call, from the store's own timestamps (each `now()` is
-/// its transaction's start): the event's `created_at`, its delivery's `created_at` (the
-/// fan-out transaction) and the attempt's `started_at` (the plugin call).
+/// its transaction's start): the event's `created_at`, when fan-out wrote or leased its
+/// delivery (`d.leased_at`: a delivery row's `created_at`, a batch entry's `leased_at`)
+/// and the attempt's `started_at` (the plugin call).
 const STAGES: [(&str, &str); 3] = [
-    ("insert → fan-out", "d.created_at - e.created_at"),
-    ("fan-out → plugin call", "a.started_at - d.created_at"),
-    ("insert → plugin call", "a.started_at - e.created_at"),
+    ("insert → fan-out", "d.leased_at - e.created_at"),
+    ("fan-out → plugin call", "d.started_at - d.leased_at"),
+    ("insert → plugin call", "d.started_at - e.created_at"),
 ];
+
+/// Every first attempt with when its delivery was written or leased, in both of the
+/// Postgres store's shapes (migration 0013).
+const FIRST_ATTEMPTS: &str = "(SELECT a.event_id, a.started_at, d.created_at AS leased_at \
+       FROM herald_attempts a JOIN herald_deliveries d USING (delivery_id) \
+       WHERE a.attempt = 1 \
+     UNION ALL SELECT event_id, started_at, leased_at FROM herald_outcome_entries) d";
 
 async fn stages(env: &Env) -> anyhow::Result<Vec<(&'static str, Duration, Duration)>> {
     if env.backend != Backend::Postgres {
@@ -48,8 +56,7 @@ async fn stages(env: &Env) -> anyhow::Result<Vec<(&'static str, Duration, Durati
                 .scalar(&format!(
                     "SELECT (percentile_cont({q}) WITHIN GROUP (ORDER BY \
                      extract(epoch FROM {interval})) * 1000000)::bigint \
-                     FROM herald_attempts a JOIN herald_deliveries d USING (delivery_id) \
-                     JOIN events e ON e.event_id = a.event_id"
+                     FROM {FIRST_ATTEMPTS} JOIN events e ON e.event_id = d.event_id"
                 ))
                 .await?;
             Ok(Duration::from_micros(u64::try_from(micros).unwrap_or(0)))

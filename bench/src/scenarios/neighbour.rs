@@ -217,7 +217,10 @@ async fn drain_beside(
     }
     let neighbour_attempts = env
         .db
-        .scalar("SELECT count(*) FROM herald_attempts WHERE route = 'bench-neighbour'")
+        .scalar(&format!(
+            "SELECT count(*) FROM {} WHERE route = 'bench-neighbour'",
+            env.db.attempts()
+        ))
         .await?;
     let dead = env.db.events_with_status("DEAD").await?;
     // A quarantined neighbour's events wait, open; otherwise each is DEAD by policy.

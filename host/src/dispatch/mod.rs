@@ -271,8 +271,9 @@ impl Dispatcher {
         let table = self.table.current();
         let grant = self.claim_request().await;
         let room = self.queue_room();
+        let limit = self.fan_out_limit(grant.is_some(), room);
         let request = FanOutRequest {
-            limit: self.settings.batch_size,
+            limit,
             max_event_bytes: self.settings.max_event_bytes,
             queue_behind: u32::try_from(room).unwrap_or(u32::MAX),
             stop_wake_ups,
@@ -318,6 +319,21 @@ impl Dispatcher {
         Ok((report, started_count))
     }
 
+    /// How many events a fan-out pass takes. A store that leases started deliveries per
+    /// batch ([`EventStore::paces_fan_out`]) is given no more than this instance can lease:
+    /// every new delivery fan-out cannot start takes queue room (a held lane's next ones
+    /// need it), and one left unleased costs a delivery row of its own. The rest wait in
+    /// the fan-out queue, where they cost nothing, for the next pass.
+    fn fan_out_limit(&self, can_start: bool, room: usize) -> u32 {
+        if !self.store.paces_fan_out() {
+            return self.settings.batch_size;
+        }
+        let can_lease = if can_start { room } else { 0 };
+        self.settings
+            .batch_size
+            .min(u32::try_from(can_lease).unwrap_or(u32::MAX))
+    }
+
     /// How many more deliveries fan-out may queue behind lanes held here.
     fn queue_room(&self) -> usize {
         let most = self.settings.concurrency.max(1) * QUEUED_PER_SLOT;
@@ -343,11 +359,16 @@ impl Dispatcher {
         self.queue.apply(effects).await;
     }
 
+    /// Whether [`Dispatcher::claim_request`] would give a claim.
+    fn claim_request_possible(&self) -> bool {
+        self.slots.available_permits() > 0 || self.queue_room() > 0
+    }
+
     /// What the free slots can take now, as a claim (with the slots counted); `None` when
     /// every slot is busy and fan-out may queue nothing either.
     async fn claim_request(&self) -> Option<(ClaimRequest, usize)> {
         let free = self.slots.available_permits();
-        if free == 0 && self.queue_room() == 0 {
+        if !self.claim_request_possible() {
             return None;
         }
         let limit = (self.settings.batch_size as usize).min(free * DELIVERIES_PER_TASK);
@@ -674,9 +695,17 @@ impl Dispatcher {
                 }
                 continue;
             }
-            if self.fan_out_logged(std::mem::take(&mut asked)).await
-                >= self.settings.batch_size as usize
-            {
+            let limit = self.fan_out_limit(self.claim_request_possible(), self.queue_room());
+            if limit == 0 {
+                // Paced and nothing can be leased: look again once something ran.
+                tokio::select! {
+                    _ = self.claimed.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if self.fan_out_logged(std::mem::take(&mut asked)).await >= limit as usize {
                 continue;
             }
             if listening {

@@ -92,6 +92,12 @@ pub trait EventStore: Send + Sync {
     /// event of the same entity still has an open delivery on that route.
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>>;
 
+    /// Whether fan-out should take no more events than the caller can lease: true for a
+    /// store that leases started deliveries per batch and pays a row for any other.
+    fn paces_fan_out(&self) -> bool {
+        false
+    }
+
     /// Write each completion in one transaction with its attempt row, ledger entry,
     /// emitted events and the event's new status.
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>>;

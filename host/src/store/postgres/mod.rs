@@ -8,6 +8,8 @@
 //! The statements of fan-out and outcome transactions, and why each is written as it is
 //! (they are planned once per connection), live in [`plans`].
 
+pub mod claims;
+pub mod outcome_batches;
 pub mod plans;
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +26,7 @@ use tokio::sync::Notify;
 use plans::{
     CLOSE_DELIVERIES, EVENTS_DELIVERIES, INSERT_DELIVERIES, INSERT_EVENT, KEY_HOLDERS, LANE_STATES,
     LOCK_DELIVERIES, LOCK_EVENTS, LOG_ATTEMPTS, PLAN_ONCE, RECORD_KEYS, SETTLE_EVENTS,
-    STARTED_LEDGER, TAKE_NEW_EVENTS,
+    STARTED_LEDGER,
 };
 
 use super::batch::{self, Closed, DeliveryUpdate, LaneState, NewDelivery, Recorded, Settlement};
@@ -34,9 +36,9 @@ use super::filters::{push_delivery_filter, push_event_filter};
 use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
-    Delivery, DeliveryFilter, Event, EventDetail, EventFilter, EventStore, FanOutReport,
-    FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Quarantine, RedriveSelection,
-    Router, StoreError, StoreResult, WakeUpRequest,
+    Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventStore,
+    FanOutReport, FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Quarantine,
+    RedriveSelection, Router, StoreError, StoreResult, WakeUpRequest,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -45,8 +47,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 /// has asked for it (migration 0011).
 const NEW_EVENTS_CHANNEL: &str = "herald_events";
 
-/// Key of the advisory lock that serialises fan-out across instances ("herald" in ASCII).
-const FAN_OUT_LOCK: i64 = 0x6865_7261_6c64;
+/// First key of the advisory lock that serialises fan-out across instances ("fano" in
+/// ASCII); the second is the event store's schema, so stores in different schemas of one
+/// database (tests run so) do not take turns with each other.
+const FAN_OUT_LOCK: i32 = 0x6661_6e6f;
 
 /// Ask producers for wake-ups; true once none that may have missed the request is still
 /// in flight (migration 0011).
@@ -67,6 +71,8 @@ pub struct PostgresStore {
     /// from an event's insert to its plugin call.
     lease_pool: PgPool,
     url: String,
+    /// This process's open claim items (the batch ledger's leases, [`claims`]).
+    book: claims::ClaimBook,
 }
 
 impl PostgresStore {
@@ -97,6 +103,7 @@ impl PostgresStore {
             pool,
             lease_pool,
             url: redacted,
+            book: claims::ClaimBook::default(),
         })
     }
 }
@@ -149,21 +156,40 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
 async fn take_candidates(
     conn: &mut PgConnection,
     request: &FanOutRequest,
-) -> StoreResult<Vec<Candidate>> {
-    let rows = sqlx::query(TAKE_NEW_EVENTS)
+    owner: &str,
+) -> StoreResult<(Vec<Candidate>, StoredLanes)> {
+    let rows = sqlx::query(&claims::TAKE_NEW_EVENTS)
         .bind(i64::from(request.limit))
         .bind(FAN_OUT_LOCK)
         .bind(request.max_bytes_sql())
         .bind(request.stop_wake_ups)
+        .bind(owner)
         .fetch_all(conn)
         .await
         .doing("reading new events")?;
+    let stored = match rows.first() {
+        Some(row) => StoredLanes {
+            open_rows: row.flag("open_rows")?,
+            other_claims: row.flag("other_claims")?,
+        },
+        None => StoredLanes::default(),
+    };
     let mut candidates = rows
         .iter()
         .map(|row| rows::candidate(row, request.max_event_bytes))
         .collect::<StoreResult<Vec<_>>>()?;
     candidates.sort_by_key(|c| c.head.event_id);
-    Ok(candidates)
+    Ok((candidates, stored))
+}
+
+/// Which stored shapes may hold an open delivery on some lane, as fan-out's take found:
+/// only those are read for the lanes of new deliveries.
+#[derive(Debug, Default, Clone, Copy)]
+struct StoredLanes {
+    /// Some delivery row is open.
+    open_rows: bool,
+    /// Some claim is another owner's, or its lease ran out.
+    other_claims: bool,
 }
 
 /// For each candidate with a producer key, the earliest other event holding that key:
@@ -199,13 +225,13 @@ async fn key_holders(
 /// ones by (event, route).
 async fn insert_deliveries(
     conn: &mut PgConnection,
-    deliveries: &[NewDelivery],
+    deliveries: &[&NewDelivery],
     start: Option<&ClaimRequest>,
 ) -> StoreResult<HashMap<(i64, String), i64>> {
     if deliveries.is_empty() {
         return Ok(HashMap::new());
     }
-    let column = |f: fn(&NewDelivery) -> &str| deliveries.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&NewDelivery) -> &str| deliveries.iter().map(|d| f(d)).collect::<Vec<_>>();
     let started: Vec<(i64, i64, String)> = sqlx::query_as(INSERT_DELIVERIES)
         .bind(deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>())
         .bind(column(|d| &d.route))
@@ -226,42 +252,99 @@ async fn insert_deliveries(
         .collect())
 }
 
-/// The stored state of each lane whose first new delivery is at `heads` (indexes into
-/// `deliveries`), as `owner` may lease behind it.
+/// The state of each lane whose first new delivery is at `heads` (indexes into
+/// `deliveries`), as `owner` may lease behind it: its open delivery rows, the open items of
+/// other owners' (and expired) claims, both only when `stored` says any exist, and
+/// `owner`'s own open items, from the book.
 async fn lane_states(
     conn: &mut PgConnection,
+    book: &claims::ClaimBook,
     deliveries: &[NewDelivery],
     heads: &[usize],
     owner: &str,
+    stored: StoredLanes,
 ) -> StoreResult<HashMap<usize, LaneState>> {
     let firsts: Vec<&NewDelivery> = heads.iter().filter_map(|&i| deliveries.get(i)).collect();
     if firsts.is_empty() {
         return Ok(HashMap::new());
     }
     let column = |f: fn(&NewDelivery) -> &str| firsts.iter().map(|d| f(d)).collect::<Vec<_>>();
-    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(LANE_STATES)
-        .bind(firsts.iter().map(|d| d.event_id).collect::<Vec<_>>())
-        .bind(column(|d| &d.route))
-        .bind(column(|d| &d.entity_type))
-        .bind(column(|d| &d.entity_id))
-        .bind(owner)
-        .fetch_all(conn)
-        .await
-        .doing("reading the lanes of new deliveries")?;
-    if rows.len() != firsts.len() {
+    let mut lanes: Vec<claims::OwnLane> = if stored.open_rows {
+        let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> = sqlx::query_as(LANE_STATES)
+            .bind(firsts.iter().map(|d| d.event_id).collect::<Vec<_>>())
+            .bind(column(|d| &d.route))
+            .bind(column(|d| &d.entity_type))
+            .bind(column(|d| &d.entity_id))
+            .bind(owner)
+            .fetch_all(&mut *conn)
+            .await
+            .doing("reading the lanes of new deliveries")?;
+        rows.into_iter()
+            .map(|(open, held, latest, latest_event)| claims::OwnLane {
+                open,
+                held,
+                latest: latest.zip(latest_event),
+            })
+            .collect()
+    } else {
+        vec![claims::OwnLane::default(); firsts.len()]
+    };
+    if lanes.len() != firsts.len() {
         return Err(StoreError::Invariant(format!(
             "the lanes of {} new deliveries read as {} rows",
             firsts.len(),
-            rows.len()
+            lanes.len()
         )));
+    }
+    let others = if stored.other_claims {
+        let keys: Vec<(&str, &str, &str)> = firsts
+            .iter()
+            .map(|d| {
+                (
+                    d.route.as_str(),
+                    d.entity_type.as_str(),
+                    d.entity_id.as_str(),
+                )
+            })
+            .collect();
+        claims::other_lane_items(&mut *conn, &keys, owner).await?
+    } else {
+        HashMap::new()
+    };
+    let later = |latest: Option<(i64, i64)>, event: i64| latest.is_none_or(|(_, e)| event > e);
+    for (first, lane) in firsts.iter().zip(lanes.iter_mut()) {
+        let own = book.lane_before(
+            owner,
+            (&first.route, &first.entity_type, &first.entity_id),
+            first.event_id,
+        );
+        lane.open += own.open;
+        lane.held += own.held;
+        if let Some((delivery, event)) = own.latest.filter(|(_, e)| later(lane.latest, *e)) {
+            lane.latest = Some((delivery, event));
+        }
+        let key = (
+            first.route.clone(),
+            first.entity_type.clone(),
+            first.entity_id.clone(),
+        );
+        for item in others.get(&key).into_iter().flatten() {
+            if item.event_id >= first.event_id {
+                continue;
+            }
+            lane.open += 1;
+            if later(lane.latest, item.event_id) {
+                lane.latest = Some((item.delivery_id, item.event_id));
+            }
+        }
     }
     Ok(heads
         .iter()
-        .zip(rows)
-        .map(|(&index, (open, held, latest))| {
-            let state = match latest {
-                _ if open == 0 => LaneState::Free,
-                Some(latest) if held == open => LaneState::Held(latest),
+        .zip(lanes)
+        .map(|(&index, lane)| {
+            let state = match lane.latest {
+                _ if lane.open == 0 => LaneState::Free,
+                Some((latest, _)) if lane.held == lane.open => LaneState::Held(latest),
                 _ => LaneState::Busy,
             };
             (index, state)
@@ -504,6 +587,15 @@ async fn log_attempts(
         .execute(&mut *conn)
         .await
         .doing("writing the attempts log")?;
+    record_keys(conn, matched).await
+}
+
+/// The idempotency ledger for the completions that held.
+async fn record_keys(
+    conn: &mut PgConnection,
+    matched: &[(&Completion, &Recorded)],
+) -> StoreResult<()> {
+    let outcome = |c: &Completion| c.outcome.attempt_outcome().as_str();
     let keyed = batch::ledger_entries(matched);
     if keyed.is_empty() {
         return Ok(());
@@ -589,7 +681,8 @@ impl EventStore for PostgresStore {
             .begin_with(PLAN_ONCE)
             .await
             .doing("starting fan-out")?;
-        let candidates = take_candidates(&mut tx, request).await?;
+        let owner = start.map_or("", |grant| grant.owner.as_str());
+        let (candidates, stored) = take_candidates(&mut tx, request, owner).await?;
         if candidates.is_empty() {
             return Ok((FanOutReport::default(), FanOutStarts::default()));
         }
@@ -597,27 +690,66 @@ impl EventStore for PostgresStore {
         let mut plan = batch::plan_fan_out(candidates, &holders, router);
         if let Some(grant) = start.filter(|grant| grant.limit > 0 || request.queue_behind > 0) {
             let heads = batch::lane_heads(&plan.deliveries, grant);
-            let lanes = lane_states(&mut tx, &plan.deliveries, &heads, &grant.owner).await?;
+            let lanes = lane_states(
+                &mut tx,
+                &self.book,
+                &plan.deliveries,
+                &heads,
+                &grant.owner,
+                stored,
+            )
+            .await?;
             batch::lease_new_deliveries(&mut plan.deliveries, &lanes, grant, request.queue_behind);
         }
-        let ids = insert_deliveries(&mut tx, &plan.deliveries, start).await?;
-        batch::confirm_started(&mut plan.deliveries, &ids);
-        let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
-        apply_settlements(&mut tx, &plan.settlements).await?;
-        tx.commit().await.doing("committing fan-out")?;
+        // A started delivery that is its event's only one is leased as a claim item; the
+        // rest are delivery rows.
+        let (itemized, rows): (Vec<&NewDelivery>, Vec<&NewDelivery>) = plan
+            .deliveries
+            .iter()
+            .partition(|d| d.start && d.alone && start.is_some());
+        let mut ids = insert_deliveries(&mut tx, &rows, start).await?;
+        if let Some(grant) = start {
+            ids.extend(
+                claims::lease(&mut tx, &self.book, &itemized, &grant.owner, grant.lease).await?,
+            );
+        }
+        let leased: Vec<i64> = ids.values().copied().filter(|id| *id < 0).collect();
+        let written = async {
+            batch::confirm_started(&mut plan.deliveries, &ids);
+            let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
+            apply_settlements(&mut tx, &plan.settlements).await?;
+            tx.commit().await.doing("committing fan-out")?;
+            Ok(ledger)
+        }
+        .await;
+        let ledger = match written {
+            Ok(ledger) => ledger,
+            Err(err) => {
+                // The book knew of the items before the commit; they never existed.
+                self.book.ended(leased);
+                return Err(err);
+            }
+        };
         let starts = batch::fan_out_starts(&plan, &ids, &ledger)?;
         Ok((plan.report, starts))
     }
 
+    fn paces_fan_out(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        let rows = sqlx::query(&plans::CLAIM_DELIVERIES)
+        let mut tx = self.lease_pool.begin().await.doing("starting a claim")?;
+        claims::recover_lost(&mut tx).await?;
+        let rows = sqlx::query(&claims::CLAIM_DELIVERIES)
             .bind(&request.owner)
             .bind(request.lease.as_secs_f64())
             .bind(i64::from(request.limit))
             .bind(&request.paused_routes)
-            .fetch_all(&self.lease_pool)
+            .fetch_all(&mut *tx)
             .await
             .doing("claiming deliveries")?;
+        tx.commit().await.doing("committing a claim")?;
         rows.iter().map(rows::claimed).collect()
     }
 
@@ -627,13 +759,45 @@ impl EventStore for PostgresStore {
             .begin_with(PLAN_ONCE)
             .await
             .doing("starting to record outcomes")?;
-        let closed = close_deliveries(&mut tx, completions).await?;
-        let matched = batch::matched(completions, &closed.recorded);
+        let held = claims::lock_held(&mut tx, completions).await?;
+        // Held items closed at this first attempt go into one outcome batch; a held item
+        // that failed becomes a delivery row, recorded with every other completion.
+        let mut batched = Vec::new();
+        let mut failed_items = Vec::new();
+        let mut per_row = Vec::new();
+        for completion in completions {
+            match held.get(&completion.delivery_id) {
+                Some(item) if completion.outcome.completes_key() => {
+                    batched.push((completion, item))
+                }
+                Some(_) => {
+                    failed_items.push(completion.delivery_id);
+                    per_row.push(completion.clone());
+                }
+                None => per_row.push(completion.clone()),
+            }
+        }
+        if !failed_items.is_empty() {
+            let claims: Vec<i64> = claims::claims_of(&failed_items);
+            claims::materialize(&mut tx, &failed_items, &claims).await?;
+        }
+        let batch_settlements = outcome_batches::record(&mut tx, &batched).await?;
+        let closed = if per_row.is_empty() {
+            Closed::default()
+        } else {
+            close_deliveries(&mut tx, &per_row).await?
+        };
+        let matched = batch::matched(&per_row, &closed.recorded);
         log_attempts(&mut tx, &matched).await?;
-        let held: HashSet<i64> = closed.recorded.iter().map(|r| r.delivery_id).collect();
+        let committed: HashSet<i64> = closed
+            .recorded
+            .iter()
+            .map(|r| r.delivery_id)
+            .chain(batched.iter().map(|(c, _)| c.delivery_id))
+            .collect();
         let mut results = Vec::with_capacity(completions.len());
         for completion in completions {
-            if !held.contains(&completion.delivery_id) {
+            if !committed.contains(&completion.delivery_id) {
                 results.push(CompletionResult::LeaseLost);
                 continue;
             }
@@ -646,23 +810,33 @@ impl EventStore for PostgresStore {
             }
             results.push(CompletionResult::Committed { emitted });
         }
+        apply_settlements(&mut tx, &batch_settlements).await?;
         settle_closed(&mut tx, closed).await?;
+        claims::delete_spent(&mut tx, &self.book).await?;
         tx.commit().await.doing("committing outcomes")?;
+        // Every claim item among these ended here: recorded, now a row, or lost.
+        self.book.ended(
+            completions
+                .iter()
+                .map(|c| c.delivery_id)
+                .filter(|id| claims::claim_of(*id).is_some()),
+        );
         Ok(results)
     }
 
     async fn backlog(&self) -> StoreResult<Backlog> {
         // No index names `event_status` (migration 0007), so READY events are counted
-        // through the two ways an event is READY: still queued for fan-out (migration
-        // 0008), or fanned out with a delivery still open. Both are look-ups that grow
-        // with the backlog, not with the table.
+        // through the ways an event is READY: still queued for fan-out (migration 0008),
+        // or fanned out with a delivery row or a claim item still open (0013). All are
+        // look-ups that grow with the backlog, not with the table.
         let row = sqlx::query(
             "SELECT \
              (SELECT count(*) FROM herald_fan_out_queue q JOIN events e USING (event_id) \
                  WHERE e.event_status = 'READY') \
              + (SELECT count(*) FROM events e WHERE e.event_status = 'READY' \
                  AND e.event_id IN (SELECT event_id FROM herald_deliveries \
-                   WHERE status IN ('PENDING', 'RETRY'))) AS ready_events, \
+                     WHERE status IN ('PENDING', 'RETRY') \
+                   UNION SELECT unnest(event_ids) FROM herald_claims)) AS ready_events, \
              (SELECT count(*) FROM herald_deliveries WHERE status = 'RETRY') AS waiting_retry",
         )
         .fetch_one(&self.pool)
@@ -672,6 +846,9 @@ impl EventStore for PostgresStore {
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.doing("starting a release")?;
+        // A claim item is given back as a delivery row, which the release then unlocks.
+        claims::materialize_own(&mut tx, owner, delivery_ids).await?;
         let released = sqlx::query(
             "UPDATE herald_deliveries SET locked_by = NULL, locked_until = NULL, \
              attempts = attempts - 1, next_attempt_at = least(next_attempt_at, now()) \
@@ -681,9 +858,11 @@ impl EventStore for PostgresStore {
         )
         .bind(delivery_ids)
         .bind(owner)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .doing("releasing leases")?;
+        tx.commit().await.doing("committing a release")?;
+        self.book.ended(delivery_ids.iter().copied());
         Ok(released.rows_affected())
     }
 
@@ -708,7 +887,8 @@ impl EventStore for PostgresStore {
         .execute(&self.pool)
         .await
         .doing("renewing leases")?;
-        Ok(renewed.rows_affected())
+        let items = claims::renew(&self.pool, &self.book, owner, delivery_ids, lease).await?;
+        Ok(renewed.rows_affected() + items)
     }
 
     async fn heartbeat(&self, instance_id: &str, version: &str) -> StoreResult<()> {
@@ -767,7 +947,8 @@ impl EventStore for PostgresStore {
             "SELECT i.instance_id, i.version, i.started_at, i.last_seen, \
              (SELECT count(*) FROM herald_deliveries d WHERE d.locked_by = i.instance_id \
               AND d.locked_until > now() AND d.status IN ('PENDING', 'RETRY')) \
-              AS leases_held \
+             + (SELECT count(*) FROM herald_open_claim_items c \
+              WHERE c.owner = i.instance_id AND c.locked_until > now()) AS leases_held \
              FROM herald_instances i \
              WHERE i.last_seen >= now() - make_interval(secs => $1) \
              ORDER BY i.started_at, i.instance_id",
@@ -846,13 +1027,12 @@ impl EventStore for PostgresStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let deliveries =
-            sqlx::query("SELECT * FROM herald_deliveries WHERE event_id = $1 ORDER BY delivery_id")
-                .bind(event_id)
-                .fetch_all(&self.pool)
-                .await
-                .doing("reading an event's deliveries")?;
-        let attempts = sqlx::query(plans::EVENT_ATTEMPTS)
+        let deliveries = sqlx::query(outcome_batches::EVENT_DELIVERIES)
+            .bind(event_id)
+            .fetch_all(&self.pool)
+            .await
+            .doing("reading an event's deliveries")?;
+        let attempts = sqlx::query(outcome_batches::EVENT_ATTEMPTS)
             .bind(event_id)
             .fetch_all(&self.pool)
             .await
@@ -871,7 +1051,15 @@ impl EventStore for PostgresStore {
     }
 
     async fn list_deliveries(&self, filter: &DeliveryFilter) -> StoreResult<Vec<Delivery>> {
-        let mut query = QueryBuilder::<Postgres>::new("SELECT * FROM herald_deliveries");
+        // Batch entries are only ever closed as delivered or skipped: a list of other
+        // statuses does not read the batches.
+        let source = match filter.status {
+            Some(DeliveryStatus::Success | DeliveryStatus::Skipped) | None => {
+                "herald_delivery_records"
+            }
+            Some(_) => "herald_open_delivery_records",
+        };
+        let mut query = QueryBuilder::<Postgres>::new(format!("SELECT * FROM {source}"));
         push_delivery_filter(&mut query, filter);
         let rows = query
             .build()

@@ -1,6 +1,6 @@
-//! The statements of fan-out and outcome transactions, and how they are planned; and two
-//! that are planned on each run but written to the same rule: the claim, and the read of
-//! an event's attempts.
+//! The statements of fan-out and outcome transactions, and how they are planned; and one
+//! that is planned on each run but written to the same rule: the claim. (The batch
+//! ledger's statements are in [`super::claims`] and [`super::outcome_batches`].)
 //!
 //! Each of them runs inside a transaction begun with [`PLAN_ONCE`]: planned once per
 //! connection, the plan reused, no sequential scans. Planning was the largest cost of
@@ -49,7 +49,7 @@ pub const INSERT_EVENT: &str =
 /// woken dispatcher pays no round trip for it; the sequence is not transactional, so that
 /// holds at once, whatever becomes of this transaction.
 pub const TAKE_NEW_EVENTS: &str =
-    "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS held, \
+    "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2, hashtext(current_schema())) AS held, \
        CASE WHEN $4 THEN setval('herald_wake_ups_requested', 0) END AS wake_ups), \
      taken AS (DELETE FROM herald_fan_out_queue q \
        WHERE q.event_id = ANY (ARRAY(SELECT event_id FROM herald_fan_out_queue, turn \
@@ -82,14 +82,15 @@ pub const KEY_HOLDERS: &str =
 
 /// Fan-out: what each ordered lane holds before the batch's first new delivery of it
 /// (`lane_states`): how many earlier deliveries are open, how many of those the fan-out's
-/// owner holds under a live lease, and the latest of them. One probe of the lane index
+/// owner holds under a live lease, and the latest of them (delivery and event). One probe of the lane index
 /// per lane; the aggregate gives a row for every lane, an empty one too.
-pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest \
+pub const LANE_STATES: &str = "SELECT h.open_before, h.held_before, h.latest, h.latest_event \
      FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
        AS u(event_id, route, entity_type, entity_id, n) \
      CROSS JOIN LATERAL (SELECT count(*) AS open_before, \
          count(*) FILTER (WHERE p.locked_by = $5 AND p.locked_until > now()) AS held_before, \
-         (array_agg(p.delivery_id ORDER BY p.event_id DESC))[1] AS latest \
+         (array_agg(p.delivery_id ORDER BY p.event_id DESC))[1] AS latest, \
+         max(p.event_id) AS latest_event \
        FROM herald_deliveries p WHERE p.route = u.route \
          AND p.entity_type = u.entity_type AND p.entity_id = u.entity_id \
          AND p.event_id < u.event_id AND p.status IN ('PENDING', 'RETRY')) AS h \
@@ -180,12 +181,6 @@ pub const RECORD_KEYS: &str =
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
      ON CONFLICT DO NOTHING";
 
-/// An event's attempts (`herald events show`), through its deliveries: no index of the
-/// attempts names the event (migration 0009).
-pub const EVENT_ATTEMPTS: &str = "SELECT * FROM herald_attempts WHERE delivery_id IN (\
-       SELECT delivery_id FROM herald_deliveries WHERE event_id = $1) \
-     ORDER BY attempt_id";
-
 /// Claim: what is known done for each claimed delivery's key, as the columns
 /// [`COMPLETED_KEY_COLUMNS`] reads. Each is a LATERAL look-up with a `LIMIT`, one probe
 /// of an index per claimed delivery. As plain joins, Postgres answered the attempts log's
@@ -244,19 +239,31 @@ pub static CLAIM_DELIVERIES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Every statement above, by name, for the plan test.
-pub const PLANNED_ONCE: &[(&str, &str)] = &[
-    ("insert_event", INSERT_EVENT),
-    ("take_new_events", TAKE_NEW_EVENTS),
-    ("key_holders", KEY_HOLDERS),
-    ("lane_states", LANE_STATES),
-    ("insert_deliveries", INSERT_DELIVERIES),
-    ("started_ledger", STARTED_LEDGER),
-    ("settle_events", SETTLE_EVENTS),
-    ("lock_events", LOCK_EVENTS),
-    ("events_deliveries", EVENTS_DELIVERIES),
-    ("lock_deliveries", LOCK_DELIVERIES),
-    ("close_deliveries", CLOSE_DELIVERIES),
-    ("log_attempts", LOG_ATTEMPTS),
-    ("record_keys", RECORD_KEYS),
-];
+/// Every statement of fan-out and outcome transactions, by name, for the plan test.
+pub fn planned_once() -> Vec<(&'static str, &'static str)> {
+    use super::{claims, outcome_batches};
+    vec![
+        ("insert_event", INSERT_EVENT),
+        ("take_new_events", claims::TAKE_NEW_EVENTS.as_str()),
+        ("key_holders", KEY_HOLDERS),
+        ("lane_states", LANE_STATES),
+        ("lane_items", claims::LANE_ITEMS.as_str()),
+        ("insert_deliveries", INSERT_DELIVERIES),
+        ("insert_claim", claims::INSERT_CLAIM),
+        ("started_ledger", STARTED_LEDGER),
+        ("settle_events", SETTLE_EVENTS),
+        ("lock_events", LOCK_EVENTS),
+        ("events_deliveries", EVENTS_DELIVERIES),
+        ("lock_claims", claims::LOCK_CLAIMS),
+        ("materialize", claims::MATERIALIZE.as_str()),
+        (
+            "insert_outcome_batch",
+            outcome_batches::INSERT_OUTCOME_BATCH,
+        ),
+        ("lock_deliveries", LOCK_DELIVERIES),
+        ("close_deliveries", CLOSE_DELIVERIES),
+        ("log_attempts", LOG_ATTEMPTS),
+        ("record_keys", RECORD_KEYS),
+        ("delete_spent_claims", claims::DELETE_SPENT),
+    ]
+}

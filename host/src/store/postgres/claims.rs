@@ -1,0 +1,592 @@
+//! The lease side of the batch ledger (migration 0013): fan-out leases the deliveries it
+//! starts as the items of one `herald_claims` row per pass, instead of a delivery row
+//! each. Only a delivery that is its event's only one can be an item, so an item is open
+//! exactly while its event is READY and no delivery row carries its id.
+//!
+//! An item leaves the claim in one of four ways: closed at its first attempt as delivered
+//! or skipped (an outcome batch entry, [`super::outcome_batches`]); failed, given back,
+//! or its claim's lease ran out (it becomes a `herald_deliveries` row under its own id,
+//! [`MATERIALIZE`], and goes on as any delivery). A claim none of whose items is open is
+//! deleted; one whose lease ran out is recovered by the next claim of any instance.
+//!
+//! Per-entity order across the two shapes: fan-out reads this instance's open items from
+//! memory ([`ClaimBook`]) and other owners' (and expired) claims from the table, only when
+//! its take says any exist; the claim's order check reads open items of every claim.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgConnection;
+
+use super::QueryContext;
+use crate::store::batch::NewDelivery;
+use crate::store::{Completion, StoreResult};
+
+/// Items per claim: a claim item's delivery id is -(claim_id × ITEM_SPAN + position).
+/// Migration 0013's views compute the same ids.
+pub const ITEM_SPAN: i64 = 4096;
+
+/// The delivery id of the item at `position` of `claim_id`.
+pub(crate) fn item_id(claim_id: i64, position: usize) -> i64 {
+    -(claim_id * ITEM_SPAN + position as i64)
+}
+
+/// The claim and position a delivery id names, if it is a claim item's.
+fn item_of(delivery_id: i64) -> Option<(i64, usize)> {
+    (delivery_id < 0).then(|| {
+        let n = -delivery_id;
+        (n / ITEM_SPAN, (n % ITEM_SPAN) as usize)
+    })
+}
+
+pub(crate) fn claim_of(delivery_id: i64) -> Option<i64> {
+    item_of(delivery_id).map(|(claim, _)| claim)
+}
+
+/// The claims these delivery ids name, sorted, once each.
+pub(crate) fn claims_of(delivery_ids: &[i64]) -> Vec<i64> {
+    let mut claims: Vec<i64> = delivery_ids.iter().filter_map(|id| claim_of(*id)).collect();
+    claims.sort_unstable();
+    claims.dedup();
+    claims
+}
+
+pub const INSERT_CLAIM: &str =
+    "INSERT INTO herald_claims (owner, locked_until, event_ids, routes, \
+       entity_types, entity_ids, ordered, idempotency_keys) \
+     VALUES ($1, now() + make_interval(secs => $2), $3, $4, $5, $6, $7, $8) RETURNING claim_id";
+
+/// A claim's items: `c` the claim, `u` its items, `u.n` the 1-based position.
+const ITEMS: &str = "unnest(c.event_ids, c.routes, c.entity_types, c.entity_ids, c.ordered, \
+     c.idempotency_keys) WITH ORDINALITY \
+     AS u(event_id, route, entity_type, entity_id, ordered, key, n)";
+const ITEM_ID: &str = "-(c.claim_id * 4096 + u.n - 1)";
+
+/// Fan-out's take of new events, also saying whether any delivery row is open and whether
+/// any claim is not this instance's live one ($5 the owner): when neither, no lane needs
+/// reading from the database. One statement, so a drain pays no round trip for it.
+pub static TAKE_NEW_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}, (SELECT EXISTS (SELECT 1 FROM herald_deliveries \
+             WHERE status IN ('PENDING', 'RETRY'))) AS open_rows, \
+           (SELECT EXISTS (SELECT 1 FROM herald_claims \
+             WHERE owner <> $5 OR locked_until <= now())) AS other_claims \
+         FROM read",
+        super::plans::TAKE_NEW_EVENTS
+            .strip_suffix(" FROM read")
+            .unwrap_or(super::plans::TAKE_NEW_EVENTS)
+    )
+});
+
+/// The ordered items, on these lanes, of the claims that are not `$4`'s live ones, whose
+/// events are READY (a delivery row for one of them is counted twice with the rows':
+/// that only makes fan-out more careful). Parameters: routes, entity types, entity ids,
+/// owner. The claims table holds only open claims, and is read whole; the events are
+/// read by primary key, through an array, so no plan walks them.
+pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH items AS MATERIALIZED (SELECT {ITEM_ID} AS delivery_id, u.event_id, u.route, \
+             u.entity_type, u.entity_id \
+           FROM herald_claims c CROSS JOIN LATERAL {ITEMS} \
+           WHERE (c.owner <> $4 OR c.locked_until <= now()) AND u.ordered \
+             AND (u.route, u.entity_type, u.entity_id) IN \
+               (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]))) \
+         SELECT i.delivery_id, i.event_id, i.route, i.entity_type, i.entity_id FROM items i \
+         WHERE i.event_id IN (SELECT e.event_id FROM events e \
+           WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM items)) \
+             AND e.event_status = 'READY')"
+    )
+});
+
+/// Read the claims of these items, holding them against recovery with a key-share lock
+/// (outcomes recording items of the same claim do not wait for each other; recovery's
+/// and a release's row locks do).
+pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live, \
+       created_at, event_ids, routes, ordered, idempotency_keys FROM herald_claims \
+     WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
+
+/// Turn open claim items into delivery rows, still leased to the claim's owner while its
+/// lease lasts. Parameters: delivery ids (NULL: every item), claim ids.
+pub static MATERIALIZE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO herald_deliveries (delivery_id, event_id, route, entity_type, entity_id, \
+           ordered, idempotency_key, alone, locked_by, locked_until, attempts, \
+           next_attempt_at, created_at, updated_at) OVERRIDING SYSTEM VALUE \
+         SELECT {ITEM_ID}, u.event_id, u.route, u.entity_type, u.entity_id, u.ordered, \
+           u.key, true, CASE WHEN c.locked_until > now() THEN c.owner END, \
+           CASE WHEN c.locked_until > now() THEN c.locked_until END, 1, \
+           greatest(c.locked_until, now()), c.created_at, now() \
+         FROM herald_claims c CROSS JOIN LATERAL {ITEMS} \
+         JOIN events e ON e.event_id = u.event_id AND e.event_status = 'READY' \
+         WHERE c.claim_id = ANY($2) AND ($1::bigint[] IS NULL OR {ITEM_ID} = ANY($1)) \
+         ON CONFLICT DO NOTHING"
+    )
+});
+
+/// Delete the claims none of whose events is READY any more (a materialized item's row
+/// carries it on), unless another transaction holds one: it may still be recording, and
+/// the claim is deleted later, by this or by recovery.
+/// (The count is a subquery Postgres cannot turn into a join: it reads each claim's
+/// events by primary key.)
+pub const DELETE_SPENT: &str = "DELETE FROM herald_claims WHERE claim_id IN (\
+       SELECT c.claim_id FROM herald_claims c WHERE c.claim_id = ANY($1) \
+         AND (SELECT count(*) FROM events e WHERE e.event_id = ANY(c.event_ids) \
+           AND e.event_status = 'READY' AND NOT EXISTS (SELECT 1 FROM herald_deliveries d \
+             WHERE d.event_id = e.event_id)) = 0 \
+       FOR UPDATE SKIP LOCKED) RETURNING claim_id";
+
+/// The claims whose lease ran out, for recovery; those another transaction holds are
+/// left to a later claim.
+const LOST_CLAIMS: &str = "SELECT claim_id FROM herald_claims WHERE locked_until <= now() \
+     ORDER BY claim_id FOR UPDATE SKIP LOCKED";
+
+/// A claim of this owner, locked to give items back.
+const OWN_CLAIMS: &str = "SELECT claim_id FROM herald_claims WHERE owner = $1 \
+     AND claim_id = ANY($2) ORDER BY claim_id FOR UPDATE";
+
+const RENEW_CLAIMS: &str =
+    "UPDATE herald_claims SET locked_until = now() + make_interval(secs => $1) \
+     WHERE owner = $2 AND claim_id = ANY($3) AND locked_until > now() RETURNING claim_id";
+
+/// The claim's order check, on top of [`super::plans::CLAIM_DELIVERIES`]: a delivery row
+/// waits for an earlier open claim item of its lane too. The lanes' first open items are
+/// read once per claim, and only if a due ordered row is looked at.
+pub static CLAIM_DELIVERIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    super::plans::CLAIM_DELIVERIES
+        .replacen(
+            "WITH picked AS (",
+            "WITH claim_lanes AS MATERIALIZED (SELECT u.route, u.entity_type, u.entity_id, \
+               min(u.event_id) AS first_event FROM herald_claims c CROSS JOIN LATERAL \
+               unnest(c.event_ids, c.routes, c.entity_types, c.entity_ids, c.ordered) \
+               AS u(event_id, route, entity_type, entity_id, ordered) \
+               JOIN events e ON e.event_id = u.event_id AND e.event_status = 'READY' \
+               WHERE u.ordered GROUP BY 1, 2, 3), picked AS (",
+            1,
+        )
+        .replacen(
+            "AND NOT (d.route = ANY($4))",
+            "AND (NOT d.ordered OR NOT EXISTS (SELECT 1 FROM claim_lanes l \
+               WHERE l.route = d.route AND l.entity_type = d.entity_type \
+               AND l.entity_id = d.entity_id AND l.first_event < d.event_id)) \
+             AND NOT (d.route = ANY($4))",
+            1,
+        )
+});
+
+/// A lane: (owner, route, entity type, entity id).
+type LaneKey = (String, String, String, String);
+
+/// What this store's process knows of its own claims, so fan-out need not read them.
+///
+/// It may know an item as open for a while after the database stops (an outcome commits
+/// before the book hears of it; a lease the book thinks live may have just run out in
+/// the database): fan-out then counts the item from both and is only more careful. It
+/// never knows less: an item enters the book before its claim commits.
+#[derive(Default)]
+pub(crate) struct ClaimBook {
+    state: Mutex<BookState>,
+}
+
+#[derive(Default)]
+struct BookState {
+    /// Claim → items not yet ended here.
+    open: HashMap<i64, usize>,
+    /// Claim → when its lease ends, as known here: never before the database's end.
+    leases: HashMap<i64, Instant>,
+    /// Claims whose items all ended here, to delete in a later transaction.
+    spent: Vec<i64>,
+    /// Open ordered items by lane: event id → delivery id.
+    lanes: HashMap<LaneKey, BTreeMap<i64, i64>>,
+    /// Open ordered item → its lane and event, to end it by id.
+    lane_of: HashMap<i64, (LaneKey, i64)>,
+}
+
+/// What this process holds on a lane before an event: open items, how many of them
+/// under a live lease, and the latest (delivery id, event id).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OwnLane {
+    pub open: i64,
+    pub held: i64,
+    pub latest: Option<(i64, i64)>,
+}
+
+impl ClaimBook {
+    fn state(&self) -> MutexGuard<'_, BookState> {
+        // The state is plain data that every step leaves whole; a panic elsewhere while
+        // holding it leaves nothing half-done.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A claim's items, before its transaction commits.
+    fn opened(&self, owner: &str, claim_id: i64, items: &[(&NewDelivery, i64)], lease: Duration) {
+        let mut state = self.state();
+        state.open.insert(claim_id, items.len());
+        state.leases.insert(claim_id, Instant::now() + lease);
+        for (delivery, id) in items.iter().filter(|(d, _)| d.ordered) {
+            let lane = (
+                owner.to_owned(),
+                delivery.route.clone(),
+                delivery.entity_type.clone(),
+                delivery.entity_id.clone(),
+            );
+            state
+                .lanes
+                .entry(lane.clone())
+                .or_default()
+                .insert(delivery.event_id, *id);
+            state.lane_of.insert(*id, (lane, delivery.event_id));
+        }
+    }
+
+    /// These items ended (recorded, failed over to a row, given back or found lost), or
+    /// their claims never committed.
+    pub fn ended(&self, delivery_ids: impl IntoIterator<Item = i64>) {
+        let mut state = self.state();
+        for id in delivery_ids {
+            let Some(claim) = claim_of(id) else {
+                continue;
+            };
+            if let Some((lane, event_id)) = state.lane_of.remove(&id) {
+                if let Some(items) = state.lanes.get_mut(&lane) {
+                    items.remove(&event_id);
+                    if items.is_empty() {
+                        state.lanes.remove(&lane);
+                    }
+                }
+            }
+            if let Some(open) = state.open.get_mut(&claim) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    state.open.remove(&claim);
+                    state.leases.remove(&claim);
+                    state.spent.push(claim);
+                }
+            }
+        }
+    }
+
+    fn renewed(&self, claims: &[i64], lease: Duration) {
+        let end = Instant::now() + lease;
+        let mut state = self.state();
+        for claim in claims {
+            if let Some(known) = state.leases.get_mut(claim) {
+                *known = end;
+            }
+        }
+    }
+
+    /// This owner's open items on a lane before `event_id`.
+    pub fn lane_before(&self, owner: &str, lane: (&str, &str, &str), event_id: i64) -> OwnLane {
+        let state = self.state();
+        let key = (
+            owner.to_owned(),
+            lane.0.to_owned(),
+            lane.1.to_owned(),
+            lane.2.to_owned(),
+        );
+        let Some(items) = state.lanes.get(&key) else {
+            return OwnLane::default();
+        };
+        let now = Instant::now();
+        let mut own = OwnLane::default();
+        for (&event, &delivery) in items.range(..event_id) {
+            own.open += 1;
+            let live = claim_of(delivery)
+                .and_then(|claim| state.leases.get(&claim))
+                .is_some_and(|end| *end > now);
+            if live {
+                own.held += 1;
+            }
+            own.latest = Some((delivery, event));
+        }
+        own
+    }
+
+    fn take_spent(&self) -> Vec<i64> {
+        std::mem::take(&mut self.state().spent)
+    }
+
+    fn still_spent(&self, claims: impl IntoIterator<Item = i64>) {
+        self.state().spent.extend(claims);
+    }
+}
+
+/// Lease `deliveries` (started, each its event's only one) as claims of `owner`, at most
+/// [`ITEM_SPAN`] items each; their delivery ids by (event, route). The book learns of
+/// them at once; if the transaction then fails, the caller ends them.
+pub(crate) async fn lease(
+    conn: &mut PgConnection,
+    book: &ClaimBook,
+    deliveries: &[&NewDelivery],
+    owner: &str,
+    lease: Duration,
+) -> StoreResult<HashMap<(i64, String), i64>> {
+    let mut ids = HashMap::with_capacity(deliveries.len());
+    let leased = lease_chunks(conn, book, deliveries, owner, lease, &mut ids).await;
+    if let Err(err) = leased {
+        book.ended(ids.into_values());
+        return Err(err);
+    }
+    Ok(ids)
+}
+
+async fn lease_chunks(
+    conn: &mut PgConnection,
+    book: &ClaimBook,
+    deliveries: &[&NewDelivery],
+    owner: &str,
+    lease: Duration,
+    ids: &mut HashMap<(i64, String), i64>,
+) -> StoreResult<()> {
+    for chunk in deliveries.chunks(ITEM_SPAN as usize) {
+        let column = |f: fn(&NewDelivery) -> &str| chunk.iter().map(|d| f(d)).collect::<Vec<_>>();
+        let claim_id: i64 = sqlx::query_scalar(INSERT_CLAIM)
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .bind(chunk.iter().map(|d| d.event_id).collect::<Vec<_>>())
+            .bind(column(|d| &d.route))
+            .bind(column(|d| &d.entity_type))
+            .bind(column(|d| &d.entity_id))
+            .bind(chunk.iter().map(|d| d.ordered).collect::<Vec<_>>())
+            .bind(column(|d| &d.idempotency_key))
+            .fetch_one(&mut *conn)
+            .await
+            .doing("leasing started deliveries as a claim")?;
+        let items: Vec<(&NewDelivery, i64)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(position, d)| (*d, item_id(claim_id, position)))
+            .collect();
+        book.opened(owner, claim_id, &items, lease);
+        ids.extend(
+            items
+                .into_iter()
+                .map(|(d, id)| ((d.event_id, d.route.clone()), id)),
+        );
+    }
+    Ok(())
+}
+
+/// An open ordered item of another owner's claim, or of an expired one.
+pub(crate) struct LaneItem {
+    pub delivery_id: i64,
+    pub event_id: i64,
+}
+
+/// The items of claims not `owner`'s live ones on these lanes (route, entity type, entity
+/// id), by lane.
+pub(crate) async fn other_lane_items(
+    conn: &mut PgConnection,
+    lanes: &[(&str, &str, &str)],
+    owner: &str,
+) -> StoreResult<HashMap<(String, String, String), Vec<LaneItem>>> {
+    let rows: Vec<(i64, i64, String, String, String)> = sqlx::query_as(&LANE_ITEMS)
+        .bind(lanes.iter().map(|l| l.0).collect::<Vec<_>>())
+        .bind(lanes.iter().map(|l| l.1).collect::<Vec<_>>())
+        .bind(lanes.iter().map(|l| l.2).collect::<Vec<_>>())
+        .bind(owner)
+        .fetch_all(conn)
+        .await
+        .doing("reading the claimed items of new deliveries' lanes")?;
+    let mut items: HashMap<(String, String, String), Vec<LaneItem>> = HashMap::new();
+    for (delivery_id, event_id, route, entity_type, entity_id) in rows {
+        items
+            .entry((route, entity_type, entity_id))
+            .or_default()
+            .push(LaneItem {
+                delivery_id,
+                event_id,
+            });
+    }
+    Ok(items)
+}
+
+/// Turn the open items of claims whose lease ran out into deliveries due now, and delete
+/// those claims.
+pub(crate) async fn recover_lost(conn: &mut PgConnection) -> StoreResult<()> {
+    let lost: Vec<i64> = sqlx::query_scalar(LOST_CLAIMS)
+        .fetch_all(&mut *conn)
+        .await
+        .doing("finding claims whose lease ran out")?;
+    if lost.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&MATERIALIZE)
+        .bind(None::<Vec<i64>>)
+        .bind(&lost)
+        .execute(&mut *conn)
+        .await
+        .doing("turning the open items of lost claims into deliveries")?;
+    sqlx::query("DELETE FROM herald_claims WHERE claim_id = ANY($1)")
+        .bind(&lost)
+        .execute(conn)
+        .await
+        .doing("deleting lost claims")?;
+    Ok(())
+}
+
+/// A completion's claim item, under a live claim of the completion's owner.
+pub(crate) struct HeldItem {
+    /// When fan-out leased it: its claim's creation.
+    pub leased_at: DateTime<Utc>,
+    pub event_id: i64,
+    pub route: String,
+    pub ordered: bool,
+    pub idempotency_key: String,
+}
+
+type ClaimRow = (
+    i64,
+    String,
+    bool,
+    DateTime<Utc>,
+    Vec<i64>,
+    Vec<String>,
+    Vec<bool>,
+    Vec<String>,
+);
+
+/// The completions of a first attempt on an item of a live claim their owner holds, by
+/// delivery id; the claims are key-share locked until the transaction ends.
+pub(crate) async fn lock_held(
+    conn: &mut PgConnection,
+    completions: &[Completion],
+) -> StoreResult<HashMap<i64, HeldItem>> {
+    let firsts = || completions.iter().filter(|c| c.attempt == 1);
+    let wanted: Vec<i64> = {
+        let ids: Vec<i64> = firsts().map(|c| c.delivery_id).collect();
+        claims_of(&ids)
+    };
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<ClaimRow> = sqlx::query_as(LOCK_CLAIMS)
+        .bind(&wanted)
+        .fetch_all(conn)
+        .await
+        .doing("locking the claims of completed items")?;
+    let claims: HashMap<i64, ClaimRow> = rows.into_iter().map(|r| (r.0, r)).collect();
+    let mut held = HashMap::new();
+    for completion in firsts() {
+        let Some((claim_id, position)) = item_of(completion.delivery_id) else {
+            continue;
+        };
+        let Some((_, owner, live, leased_at, events, routes, ordered, keys)) =
+            claims.get(&claim_id)
+        else {
+            continue;
+        };
+        if !*live || *owner != completion.owner {
+            continue;
+        }
+        if let (Some(event_id), Some(route), Some(ordered), Some(key)) = (
+            events.get(position),
+            routes.get(position),
+            ordered.get(position),
+            keys.get(position),
+        ) {
+            held.insert(
+                completion.delivery_id,
+                HeldItem {
+                    leased_at: *leased_at,
+                    event_id: *event_id,
+                    route: route.clone(),
+                    ordered: *ordered,
+                    idempotency_key: key.clone(),
+                },
+            );
+        }
+    }
+    Ok(held)
+}
+
+/// Write the open items `ids` of `claims` as delivery rows, leased while their claim is.
+pub(crate) async fn materialize(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    claims: &[i64],
+) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&MATERIALIZE)
+        .bind(ids)
+        .bind(claims)
+        .execute(conn)
+        .await
+        .doing("turning claim items into deliveries")?;
+    Ok(())
+}
+
+/// Turn `owner`'s items among `delivery_ids` into leased delivery rows, for a release to
+/// give back as it gives back any delivery.
+pub(crate) async fn materialize_own(
+    conn: &mut PgConnection,
+    owner: &str,
+    delivery_ids: &[i64],
+) -> StoreResult<()> {
+    let claims = claims_of(delivery_ids);
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let own: Vec<i64> = sqlx::query_scalar(OWN_CLAIMS)
+        .bind(owner)
+        .bind(&claims)
+        .fetch_all(&mut *conn)
+        .await
+        .doing("locking claims to give items back")?;
+    materialize(conn, delivery_ids, &own).await
+}
+
+/// Delete the claims the book holds spent; those another transaction holds stay listed.
+pub(crate) async fn delete_spent(conn: &mut PgConnection, book: &ClaimBook) -> StoreResult<()> {
+    let claims = book.take_spent();
+    if claims.is_empty() {
+        return Ok(());
+    }
+    match sqlx::query_scalar::<_, i64>(DELETE_SPENT)
+        .bind(&claims)
+        .fetch_all(conn)
+        .await
+        .doing("deleting spent claims")
+    {
+        Ok(deleted) => {
+            book.still_spent(claims.into_iter().filter(|c| !deleted.contains(c)));
+            Ok(())
+        }
+        Err(err) => {
+            book.still_spent(claims);
+            Err(err)
+        }
+    }
+}
+
+/// Extend the leases of the claims of these items; how many of the items that covers.
+pub(crate) async fn renew(
+    pool: &sqlx::PgPool,
+    book: &ClaimBook,
+    owner: &str,
+    delivery_ids: &[i64],
+    lease: Duration,
+) -> StoreResult<u64> {
+    let claims = claims_of(delivery_ids);
+    if claims.is_empty() {
+        return Ok(0);
+    }
+    let renewed: Vec<i64> = sqlx::query_scalar(RENEW_CLAIMS)
+        .bind(lease.as_secs_f64())
+        .bind(owner)
+        .bind(&claims)
+        .fetch_all(pool)
+        .await
+        .doing("renewing claims")?;
+    book.renewed(&renewed, lease);
+    Ok(delivery_ids
+        .iter()
+        .filter(|id| claim_of(**id).is_some_and(|c| renewed.contains(&c)))
+        .count() as u64)
+}
