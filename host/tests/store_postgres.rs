@@ -515,6 +515,7 @@ const BOUNDED_WALKS: &[(&str, &str)] = &[
     ("take_new_events", "herald_deliveries_lane"),
     ("take_new_events", "herald_claims"),
     ("lane_items", "herald_claims"),
+    ("lane_items", "herald_deliveries_lane"),
 ];
 
 /// A store migrated in `schema`, and a connection of its own inside a transaction begun
@@ -1170,6 +1171,139 @@ async fn another_owners_claim_item_holds_its_lane_back() {
     complete_as(&*alpha, &first[0], "alpha", Outcome::delivered()).await;
     let next = beta.claim(&grant("beta", 10)).await.expect("claim");
     assert_eq!(event_ids(&next), vec![a2]);
+    drop((alpha, beta));
+    schema.drop().await;
+}
+
+/// An outcome is recorded once: sent again (its first commit's answer was lost), or for an
+/// item this instance has since given back, it finds the item no longer open and is
+/// refused, with nothing written twice.
+#[tokio::test]
+async fn an_item_is_recorded_once_and_not_after_it_was_given_back() {
+    let Some(schema) = PgSchema::create("store_pg_batch_ledger_once").await else {
+        return;
+    };
+    let store = instance(&schema).await;
+    append_order(&*store, "A").await;
+    let b = append_order(&*store, "B").await;
+    let started = fan_out_as(&*store, "alpha", 10, 0).await.now;
+    let emits = || Outcome::Delivered {
+        receipt: None,
+        emitted: vec![NewEvent::new("order.noted", "note", "n", json!({}))],
+    };
+    assert!(matches!(
+        complete_as(&*store, &started[0], "alpha", emits()).await,
+        CompletionResult::Committed { .. }
+    ));
+    assert_eq!(
+        complete_as(&*store, &started[0], "alpha", emits()).await,
+        CompletionResult::LeaseLost,
+        "sent again"
+    );
+    assert_eq!(
+        scalar(&schema, "SELECT count(*) FROM herald_attempt_records").await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            &schema,
+            "SELECT count(*) FROM events WHERE event_type = 'order.noted'"
+        )
+        .await,
+        1,
+        "the emitted event once"
+    );
+
+    let given_back = &started[1];
+    assert_eq!(given_back.event.event_id, b);
+    assert_eq!(
+        store
+            .release("alpha", &[given_back.delivery_id])
+            .await
+            .expect("release"),
+        1
+    );
+    assert_eq!(
+        complete_as(&*store, given_back, "alpha", Outcome::delivered()).await,
+        CompletionResult::LeaseLost
+    );
+    let detail = store
+        .event_detail(b)
+        .await
+        .expect("detail")
+        .expect("event b");
+    assert_eq!(detail.event.event_status, EventStatus::Ready);
+    assert!(detail.attempts.is_empty());
+    assert_eq!(
+        scalar(&schema, "SELECT count(*) FROM herald_delivery_records").await,
+        2,
+        "one delivery per event, in one shape each"
+    );
+    drop(store);
+    schema.drop().await;
+}
+
+/// A claim's lease covers all its items, so renewing it for the items an instance still
+/// holds first turns those it no longer holds into delivery rows, under the lease they
+/// had: that lease then runs out and another instance takes them, instead of the claim
+/// keeping them for as long as a sibling runs.
+#[tokio::test]
+async fn renewing_a_claim_hands_the_items_not_held_to_rows() {
+    let Some(schema) = PgSchema::create("store_pg_batch_ledger_renew").await else {
+        return;
+    };
+    let alpha = instance(&schema).await;
+    let beta = instance(&schema).await;
+    append_order(&*alpha, "A").await;
+    let b = append_order(&*alpha, "B").await;
+    let started = fan_out_as(&*alpha, "alpha", 10, 0).await.now;
+    let (held, dropped) = (&started[0], &started[1]);
+    assert_eq!(dropped.event.event_id, b);
+    let lease_end = |id: i64| {
+        format!(
+            "SELECT extract(epoch FROM locked_until)::bigint FROM herald_delivery_records \
+             WHERE delivery_id = {id}"
+        )
+    };
+    let before = scalar(&schema, &lease_end(dropped.delivery_id)).await;
+    assert_eq!(
+        alpha
+            .renew_leases("alpha", &[held.delivery_id], Duration::from_secs(600))
+            .await
+            .expect("renew"),
+        1
+    );
+    assert_eq!(
+        scalar(
+            &schema,
+            &format!(
+                "SELECT count(*) FROM herald_deliveries WHERE delivery_id = {} \
+                 AND locked_by = 'alpha'",
+                dropped.delivery_id
+            )
+        )
+        .await,
+        1,
+        "the item given up is a row, still under alpha's lease"
+    );
+    assert_eq!(
+        scalar(&schema, &lease_end(dropped.delivery_id)).await,
+        before
+    );
+    assert!(scalar(&schema, &lease_end(held.delivery_id)).await >= before + 500);
+
+    execute(
+        &schema,
+        &format!(
+            "UPDATE herald_deliveries SET locked_until = created_at, next_attempt_at = created_at \
+             WHERE delivery_id = {}",
+            dropped.delivery_id
+        ),
+    )
+    .await;
+    let taken = beta.claim(&grant("beta", 10)).await.expect("claim");
+    assert_eq!(event_ids(&taken), vec![b]);
+    assert_eq!(taken[0].attempt, 2);
     drop((alpha, beta));
     schema.drop().await;
 }

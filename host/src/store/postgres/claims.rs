@@ -13,7 +13,7 @@
 //! memory ([`ClaimBook`]) and other owners' (and expired) claims from the table, only when
 //! its take says any exist; the claim's order check reads open items of every claim.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -81,10 +81,14 @@ pub static TAKE_NEW_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::n
 });
 
 /// The ordered items, on these lanes, of the claims that are not `$4`'s live ones, whose
-/// events are READY (a delivery row for one of them is counted twice with the rows':
-/// that only makes fan-out more careful). Parameters: routes, entity types, entity ids,
-/// owner. The claims table holds only open claims, and is read whole; the events are
-/// read by primary key, through an array, so no plan walks them.
+/// events are READY, and whether any delivery row is open, both as one snapshot sees
+/// them. An item that becomes a delivery row is a row before its claim is deleted, so one
+/// snapshot shows it in one shape or both; the take's own answer about rows, an earlier
+/// snapshot, could miss a row made since from an item this statement no longer sees. (A
+/// row for an item read here is counted twice with the rows': that only makes fan-out more
+/// careful.) Parameters: routes, entity types, entity ids, owner. The claims table holds
+/// only open claims, and is read whole; the events are read by primary key, through an
+/// array, so no plan walks them.
 pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH items AS MATERIALIZED (SELECT {ITEM_ID} AS delivery_id, u.event_id, u.route, \
@@ -92,11 +96,15 @@ pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
            FROM herald_claims c CROSS JOIN LATERAL {ITEMS} \
            WHERE (c.owner <> $4 OR c.locked_until <= now()) AND u.ordered \
              AND (u.route, u.entity_type, u.entity_id) IN \
-               (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]))) \
-         SELECT i.delivery_id, i.event_id, i.route, i.entity_type, i.entity_id FROM items i \
-         WHERE i.event_id IN (SELECT e.event_id FROM events e \
-           WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM items)) \
-             AND e.event_status = 'READY')"
+               (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]))), \
+         open AS (SELECT i.delivery_id, i.event_id, i.route, i.entity_type, i.entity_id \
+           FROM items i WHERE i.event_id IN (SELECT e.event_id FROM events e \
+             WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM items)) \
+               AND e.event_status = 'READY')) \
+         SELECT (SELECT EXISTS (SELECT 1 FROM herald_deliveries \
+             WHERE status IN ('PENDING', 'RETRY'))) AS open_rows, \
+           o.delivery_id, o.event_id, o.route, o.entity_type, o.entity_id \
+         FROM (SELECT 1) AS one LEFT JOIN open o ON true"
     )
 });
 
@@ -106,6 +114,16 @@ pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live, \
        created_at, event_ids, routes, ordered, idempotency_keys FROM herald_claims \
      WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
+
+/// Which of these items (delivery ids, their events) are still open: their event READY and
+/// no delivery row under their id. An item that became a row (given back, failed over,
+/// recovered) goes on as that row, and an outcome recorded once is not recorded again.
+pub const STILL_OPEN: &str = "SELECT u.delivery_id \
+     FROM UNNEST($1::bigint[], $2::bigint[]) AS u(delivery_id, event_id) \
+     WHERE NOT (u.delivery_id = ANY (ARRAY(SELECT d.delivery_id FROM herald_deliveries d \
+         WHERE d.delivery_id = ANY($1)))) \
+       AND u.event_id = ANY (ARRAY(SELECT e.event_id FROM events e \
+         WHERE e.event_id = ANY($2) AND e.event_status = 'READY'))";
 
 /// Turn open claim items into delivery rows, still leased to the claim's owner while its
 /// lease lasts. Parameters: delivery ids (NULL: every item), claim ids.
@@ -121,7 +139,17 @@ pub static MATERIALIZE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
          FROM herald_claims c CROSS JOIN LATERAL {ITEMS} \
          JOIN events e ON e.event_id = u.event_id AND e.event_status = 'READY' \
          WHERE c.claim_id = ANY($2) AND ($1::bigint[] IS NULL OR {ITEM_ID} = ANY($1)) \
-         ON CONFLICT DO NOTHING"
+         ON CONFLICT DO NOTHING RETURNING delivery_id"
+    )
+});
+
+/// The same, for the open items of these claims that are not among the delivery ids: what
+/// a renewal of the claims must not extend. Parameters: delivery ids still held, claim ids.
+pub static MATERIALIZE_UNHELD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    MATERIALIZE.replacen(
+        &format!("($1::bigint[] IS NULL OR {ITEM_ID} = ANY($1))"),
+        &format!("NOT ({ITEM_ID} = ANY($1))"),
+        1,
     )
 });
 
@@ -146,9 +174,13 @@ const LOST_CLAIMS: &str = "SELECT claim_id FROM herald_claims WHERE locked_until
 const OWN_CLAIMS: &str = "SELECT claim_id FROM herald_claims WHERE owner = $1 \
      AND claim_id = ANY($2) ORDER BY claim_id FOR UPDATE";
 
+/// This owner's live claims among these, locked to renew them.
+const LOCK_LIVE_CLAIMS: &str = "SELECT claim_id FROM herald_claims WHERE owner = $1 \
+     AND claim_id = ANY($2) AND locked_until > now() ORDER BY claim_id FOR UPDATE";
+
 const RENEW_CLAIMS: &str =
     "UPDATE herald_claims SET locked_until = now() + make_interval(secs => $1) \
-     WHERE owner = $2 AND claim_id = ANY($3) AND locked_until > now() RETURNING claim_id";
+     WHERE claim_id = ANY($2)";
 
 /// The claim's order check, on top of [`super::plans::CLAIM_DELIVERIES`]: a delivery row
 /// waits for an earlier open claim item of its lane too. The lanes' first open items are
@@ -180,10 +212,12 @@ type LaneKey = (String, String, String, String);
 
 /// What this store's process knows of its own claims, so fan-out need not read them.
 ///
-/// It may know an item as open for a while after the database stops (an outcome commits
-/// before the book hears of it; a lease the book thinks live may have just run out in
-/// the database): fan-out then counts the item from both and is only more careful. It
-/// never knows less: an item enters the book before its claim commits.
+/// It may count an item as open for a while after the database stops: fan-out then only
+/// waits where it need not. It must never count less than the database shows, so an item
+/// enters the book before its claim commits, and one that ended is still counted by every
+/// fan-out that began before it ended: such a fan-out may have asked the database whether
+/// any delivery row is open before the item became one. An item whose claim's lease ran
+/// out well before now is left to the database, which reads expired claims.
 #[derive(Default)]
 pub(crate) struct ClaimBook {
     state: Mutex<BookState>,
@@ -193,14 +227,32 @@ pub(crate) struct ClaimBook {
 struct BookState {
     /// Claim → items not yet ended here.
     open: HashMap<i64, usize>,
-    /// Claim → when its lease ends, as known here: never before the database's end.
-    leases: HashMap<i64, Instant>,
+    /// Claim → when its lease ends, as known here (never before the database's end), and
+    /// the lease's length.
+    leases: HashMap<i64, (Instant, Duration)>,
     /// Claims whose items all ended here, to delete in a later transaction.
     spent: Vec<i64>,
-    /// Open ordered items by lane: event id → delivery id.
-    lanes: HashMap<LaneKey, BTreeMap<i64, i64>>,
-    /// Open ordered item → its lane and event, to end it by id.
+    /// Ordered items by lane: event id → entry.
+    lanes: HashMap<LaneKey, BTreeMap<i64, LaneEntry>>,
+    /// Ordered item → its lane and event.
     lane_of: HashMap<i64, (LaneKey, i64)>,
+    /// Fan-outs begun so far, and those still running.
+    fan_outs: u64,
+    running: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LaneEntry {
+    delivery_id: i64,
+    ended: Option<Ending>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    /// Closed (its lane moves on), or left open as a delivery row or to another instance.
+    closed: bool,
+    /// Fan-outs begun when it ended: those may not have seen it end.
+    fan_outs: u64,
 }
 
 /// What this process holds on a lane before an event: open items, how many of them
@@ -212,6 +264,18 @@ pub(crate) struct OwnLane {
     pub latest: Option<(i64, i64)>,
 }
 
+/// A fan-out's turn with the book, from [`ClaimBook::begin_fan_out`]; ended when dropped.
+pub(crate) struct FanOutTurn<'a> {
+    book: &'a ClaimBook,
+    ticket: u64,
+}
+
+impl Drop for FanOutTurn<'_> {
+    fn drop(&mut self) {
+        self.book.end_fan_out(self.ticket);
+    }
+}
+
 impl ClaimBook {
     fn state(&self) -> MutexGuard<'_, BookState> {
         // The state is plain data that every step leaves whole; a panic elsewhere while
@@ -221,11 +285,50 @@ impl ClaimBook {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Before a fan-out reads anything.
+    pub fn begin_fan_out(&self) -> FanOutTurn<'_> {
+        let mut state = self.state();
+        state.fan_outs += 1;
+        let ticket = state.fan_outs;
+        state.running.push(ticket);
+        FanOutTurn { book: self, ticket }
+    }
+
+    /// Forget the endings no running fan-out began before, and the items left to the
+    /// database.
+    fn end_fan_out(&self, ticket: u64) {
+        let mut state = self.state();
+        state.running.retain(|t| *t != ticket);
+        let oldest = state.running.iter().min().copied().unwrap_or(u64::MAX);
+        let now = Instant::now();
+        let BookState {
+            lanes,
+            lane_of,
+            leases,
+            ..
+        } = &mut *state;
+        lanes.retain(|_, items| {
+            items.retain(|_, entry| {
+                let keep = match entry.ended {
+                    Some(ending) => ending.fan_outs >= oldest,
+                    None => !left_to_database(leases, entry.delivery_id, now),
+                };
+                if !keep {
+                    lane_of.remove(&entry.delivery_id);
+                }
+                keep
+            });
+            !items.is_empty()
+        });
+    }
+
     /// A claim's items, before its transaction commits.
     fn opened(&self, owner: &str, claim_id: i64, items: &[(&NewDelivery, i64)], lease: Duration) {
         let mut state = self.state();
         state.open.insert(claim_id, items.len());
-        state.leases.insert(claim_id, Instant::now() + lease);
+        state
+            .leases
+            .insert(claim_id, (Instant::now() + lease, lease));
         for (delivery, id) in items.iter().filter(|(d, _)| d.ordered) {
             let lane = (
                 owner.to_owned(),
@@ -233,36 +336,44 @@ impl ClaimBook {
                 delivery.entity_type.clone(),
                 delivery.entity_id.clone(),
             );
+            let entry = LaneEntry {
+                delivery_id: *id,
+                ended: None,
+            };
             state
                 .lanes
                 .entry(lane.clone())
                 .or_default()
-                .insert(delivery.event_id, *id);
+                .insert(delivery.event_id, entry);
             state.lane_of.insert(*id, (lane, delivery.event_id));
         }
     }
 
-    /// These items ended (recorded, failed over to a row, given back or found lost), or
-    /// their claims never committed.
-    pub fn ended(&self, delivery_ids: impl IntoIterator<Item = i64>) {
+    /// These items ended here: `closed` (their lane moves on), or left open (a delivery
+    /// row now, or another instance's).
+    pub fn ended(&self, delivery_ids: impl IntoIterator<Item = i64>, closed: bool) {
         let mut state = self.state();
+        let ending = Ending {
+            closed,
+            fan_outs: state.fan_outs,
+        };
         for id in delivery_ids {
             let Some(claim) = claim_of(id) else {
                 continue;
             };
-            if let Some((lane, event_id)) = state.lane_of.remove(&id) {
-                if let Some(items) = state.lanes.get_mut(&lane) {
-                    items.remove(&event_id);
-                    if items.is_empty() {
-                        state.lanes.remove(&lane);
-                    }
+            if let Some((lane, event_id)) = state.lane_of.get(&id).cloned() {
+                if let Some(entry) = state
+                    .lanes
+                    .get_mut(&lane)
+                    .and_then(|items| items.get_mut(&event_id))
+                {
+                    entry.ended.get_or_insert(ending);
                 }
             }
             if let Some(open) = state.open.get_mut(&claim) {
                 *open = open.saturating_sub(1);
                 if *open == 0 {
                     state.open.remove(&claim);
-                    state.leases.remove(&claim);
                     state.spent.push(claim);
                 }
             }
@@ -274,13 +385,20 @@ impl ClaimBook {
         let mut state = self.state();
         for claim in claims {
             if let Some(known) = state.leases.get_mut(claim) {
-                *known = end;
+                *known = (end, lease);
             }
         }
     }
 
-    /// This owner's open items on a lane before `event_id`.
-    pub fn lane_before(&self, owner: &str, lane: (&str, &str, &str), event_id: i64) -> OwnLane {
+    /// This owner's open items on a lane before `event_id`, as the fan-out of `turn`
+    /// must count them.
+    pub fn lane_before(
+        &self,
+        turn: &FanOutTurn<'_>,
+        owner: &str,
+        lane: (&str, &str, &str),
+        event_id: i64,
+    ) -> OwnLane {
         let state = self.state();
         let key = (
             owner.to_owned(),
@@ -293,15 +411,19 @@ impl ClaimBook {
         };
         let now = Instant::now();
         let mut own = OwnLane::default();
-        for (&event, &delivery) in items.range(..event_id) {
-            own.open += 1;
-            let live = claim_of(delivery)
+        for (&event, entry) in items.range(..event_id) {
+            let live = claim_of(entry.delivery_id)
                 .and_then(|claim| state.leases.get(&claim))
-                .is_some_and(|end| *end > now);
-            if live {
-                own.held += 1;
-            }
-            own.latest = Some((delivery, event));
+                .is_some_and(|(end, _)| *end > now);
+            let held = match entry.ended {
+                Some(ending) if ending.fan_outs >= turn.ticket => ending.closed && live,
+                Some(_) => continue,
+                None if left_to_database(&state.leases, entry.delivery_id, now) => continue,
+                None => live,
+            };
+            own.open += 1;
+            own.held += i64::from(held);
+            own.latest = Some((entry.delivery_id, event));
         }
         own
     }
@@ -315,9 +437,22 @@ impl ClaimBook {
     }
 }
 
+/// Whether an item's claim lease ran out a whole lease ago: the database has shown it
+/// expired since (its end is never later than the book's), to every fan-out's read of
+/// other and expired claims.
+fn left_to_database(
+    leases: &HashMap<i64, (Instant, Duration)>,
+    delivery_id: i64,
+    now: Instant,
+) -> bool {
+    claim_of(delivery_id)
+        .and_then(|claim| leases.get(&claim))
+        .is_none_or(|(end, lease)| *end + *lease <= now)
+}
+
 /// Lease `deliveries` (started, each its event's only one) as claims of `owner`, at most
 /// [`ITEM_SPAN`] items each; their delivery ids by (event, route). The book learns of
-/// them at once; if the transaction then fails, the caller ends them.
+/// them at once.
 pub(crate) async fn lease(
     conn: &mut PgConnection,
     book: &ClaimBook,
@@ -326,11 +461,9 @@ pub(crate) async fn lease(
     lease: Duration,
 ) -> StoreResult<HashMap<(i64, String), i64>> {
     let mut ids = HashMap::with_capacity(deliveries.len());
-    let leased = lease_chunks(conn, book, deliveries, owner, lease, &mut ids).await;
-    if let Err(err) = leased {
-        book.ended(ids.into_values());
-        return Err(err);
-    }
+    // On failure the book keeps what it learnt: whether the claims committed is not known
+    // for certain, and it may count more than there is, never less.
+    lease_chunks(conn, book, deliveries, owner, lease, &mut ids).await?;
     Ok(ids)
 }
 
@@ -377,14 +510,23 @@ pub(crate) struct LaneItem {
     pub event_id: i64,
 }
 
-/// The items of claims not `owner`'s live ones on these lanes (route, entity type, entity
-/// id), by lane.
+/// The open items on these lanes (route, entity type, entity id) of claims not `owner`'s
+/// live ones, by lane, and whether any delivery row is open, from one snapshot
+/// ([`LANE_ITEMS`]).
 pub(crate) async fn other_lane_items(
     conn: &mut PgConnection,
     lanes: &[(&str, &str, &str)],
     owner: &str,
-) -> StoreResult<HashMap<(String, String, String), Vec<LaneItem>>> {
-    let rows: Vec<(i64, i64, String, String, String)> = sqlx::query_as(&LANE_ITEMS)
+) -> StoreResult<(HashMap<(String, String, String), Vec<LaneItem>>, bool)> {
+    type Row = (
+        bool,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(&LANE_ITEMS)
         .bind(lanes.iter().map(|l| l.0).collect::<Vec<_>>())
         .bind(lanes.iter().map(|l| l.1).collect::<Vec<_>>())
         .bind(lanes.iter().map(|l| l.2).collect::<Vec<_>>())
@@ -392,17 +534,28 @@ pub(crate) async fn other_lane_items(
         .fetch_all(conn)
         .await
         .doing("reading the claimed items of new deliveries' lanes")?;
+    let open_rows = rows.first().is_some_and(|row| row.0);
     let mut items: HashMap<(String, String, String), Vec<LaneItem>> = HashMap::new();
-    for (delivery_id, event_id, route, entity_type, entity_id) in rows {
-        items
-            .entry((route, entity_type, entity_id))
-            .or_default()
-            .push(LaneItem {
-                delivery_id,
-                event_id,
-            });
+    for row in rows {
+        if let (
+            _,
+            Some(delivery_id),
+            Some(event_id),
+            Some(route),
+            Some(entity_type),
+            Some(entity_id),
+        ) = row
+        {
+            items
+                .entry((route, entity_type, entity_id))
+                .or_default()
+                .push(LaneItem {
+                    delivery_id,
+                    event_id,
+                });
+        }
     }
-    Ok(items)
+    Ok((items, open_rows))
 }
 
 /// Turn the open items of claims whose lease ran out into deliveries due now, and delete
@@ -466,7 +619,7 @@ pub(crate) async fn lock_held(
     }
     let rows: Vec<ClaimRow> = sqlx::query_as(LOCK_CLAIMS)
         .bind(&wanted)
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await
         .doing("locking the claims of completed items")?;
     let claims: HashMap<i64, ClaimRow> = rows.into_iter().map(|r| (r.0, r)).collect();
@@ -501,6 +654,19 @@ pub(crate) async fn lock_held(
             );
         }
     }
+    if held.is_empty() {
+        return Ok(held);
+    }
+    let (ids, events): (Vec<i64>, Vec<i64>) =
+        held.iter().map(|(id, item)| (*id, item.event_id)).unzip();
+    let open: Vec<i64> = sqlx::query_scalar(STILL_OPEN)
+        .bind(&ids)
+        .bind(&events)
+        .fetch_all(conn)
+        .await
+        .doing("checking that completed items are still open")?;
+    let open: HashSet<i64> = open.into_iter().collect();
+    held.retain(|id, _| open.contains(id));
     Ok(held)
 }
 
@@ -565,7 +731,11 @@ pub(crate) async fn delete_spent(conn: &mut PgConnection, book: &ClaimBook) -> S
     }
 }
 
-/// Extend the leases of the claims of these items; how many of the items that covers.
+/// Extend the leases of the claims of these items (the deliveries `owner` still holds);
+/// how many of the items that covers. A claim's lease is one for all its items, so first
+/// its open items that are not among them (this instance gave them up: an outcome it could
+/// not record, a give-back that failed, a task that ended early) become delivery rows under
+/// the lease they have: it runs out, and a claim takes them, as it would a row's.
 pub(crate) async fn renew(
     pool: &sqlx::PgPool,
     book: &ClaimBook,
@@ -577,16 +747,33 @@ pub(crate) async fn renew(
     if claims.is_empty() {
         return Ok(0);
     }
-    let renewed: Vec<i64> = sqlx::query_scalar(RENEW_CLAIMS)
-        .bind(lease.as_secs_f64())
+    let mut tx = pool.begin().await.doing("starting to renew claims")?;
+    let live: Vec<i64> = sqlx::query_scalar(LOCK_LIVE_CLAIMS)
         .bind(owner)
         .bind(&claims)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
+        .await
+        .doing("locking claims to renew")?;
+    if live.is_empty() {
+        return Ok(0);
+    }
+    let given_up: Vec<i64> = sqlx::query_scalar(&MATERIALIZE_UNHELD)
+        .bind(delivery_ids)
+        .bind(&live)
+        .fetch_all(&mut *tx)
+        .await
+        .doing("turning items given up into deliveries")?;
+    sqlx::query(RENEW_CLAIMS)
+        .bind(lease.as_secs_f64())
+        .bind(&live)
+        .execute(&mut *tx)
         .await
         .doing("renewing claims")?;
-    book.renewed(&renewed, lease);
+    tx.commit().await.doing("committing renewed claims")?;
+    book.renewed(&live, lease);
+    book.ended(given_up, false);
     Ok(delivery_ids
         .iter()
-        .filter(|id| claim_of(**id).is_some_and(|c| renewed.contains(&c)))
+        .filter(|id| claim_of(**id).is_some_and(|c| live.contains(&c)))
         .count() as u64)
 }

@@ -37,8 +37,8 @@ use super::rows::{self, column_error, StoreRow};
 use super::{
     redact_url, Backend, Backlog, ClaimRequest, ClaimedDelivery, Completion, CompletionResult,
     Delivery, DeliveryFilter, DeliveryStatus, Event, EventDetail, EventFilter, EventStore,
-    FanOutReport, FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Quarantine,
-    RedriveSelection, Router, StoreError, StoreResult, WakeUpRequest,
+    FanOutReport, FanOutRequest, FanOutStarts, Instance, LedgerEntry, NewEvent, Outcome,
+    Quarantine, RedriveSelection, Router, StoreError, StoreResult, WakeUpRequest,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -258,7 +258,7 @@ async fn insert_deliveries(
 /// `owner`'s own open items, from the book.
 async fn lane_states(
     conn: &mut PgConnection,
-    book: &claims::ClaimBook,
+    (book, turn): (&claims::ClaimBook, &claims::FanOutTurn<'_>),
     deliveries: &[NewDelivery],
     heads: &[usize],
     owner: &str,
@@ -268,8 +268,28 @@ async fn lane_states(
     if firsts.is_empty() {
         return Ok(HashMap::new());
     }
+    // Other owners' claims first, then rows: an item turned into a row since the claims
+    // were read is found as the row (an open row is never deleted).
+    let (others, open_rows) = if stored.other_claims {
+        let keys: Vec<(&str, &str, &str)> = firsts
+            .iter()
+            .map(|d| {
+                (
+                    d.route.as_str(),
+                    d.entity_type.as_str(),
+                    d.entity_id.as_str(),
+                )
+            })
+            .collect();
+        claims::other_lane_items(&mut *conn, &keys, owner).await?
+    } else {
+        // No other claim existed when the take ran, and none can be made while this
+        // fan-out holds its lock: a row made since can only come from one of this owner's
+        // items, which the book still counts.
+        (HashMap::new(), stored.open_rows)
+    };
     let column = |f: fn(&NewDelivery) -> &str| firsts.iter().map(|d| f(d)).collect::<Vec<_>>();
-    let mut lanes: Vec<claims::OwnLane> = if stored.open_rows {
+    let mut lanes: Vec<claims::OwnLane> = if open_rows {
         let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> = sqlx::query_as(LANE_STATES)
             .bind(firsts.iter().map(|d| d.event_id).collect::<Vec<_>>())
             .bind(column(|d| &d.route))
@@ -296,24 +316,10 @@ async fn lane_states(
             lanes.len()
         )));
     }
-    let others = if stored.other_claims {
-        let keys: Vec<(&str, &str, &str)> = firsts
-            .iter()
-            .map(|d| {
-                (
-                    d.route.as_str(),
-                    d.entity_type.as_str(),
-                    d.entity_id.as_str(),
-                )
-            })
-            .collect();
-        claims::other_lane_items(&mut *conn, &keys, owner).await?
-    } else {
-        HashMap::new()
-    };
     let later = |latest: Option<(i64, i64)>, event: i64| latest.is_none_or(|(_, e)| event > e);
     for (first, lane) in firsts.iter().zip(lanes.iter_mut()) {
         let own = book.lane_before(
+            turn,
             owner,
             (&first.route, &first.entity_type, &first.entity_id),
             first.event_id,
@@ -681,6 +687,7 @@ impl EventStore for PostgresStore {
             .begin_with(PLAN_ONCE)
             .await
             .doing("starting fan-out")?;
+        let turn = self.book.begin_fan_out();
         let owner = start.map_or("", |grant| grant.owner.as_str());
         let (candidates, stored) = take_candidates(&mut tx, request, owner).await?;
         if candidates.is_empty() {
@@ -692,7 +699,7 @@ impl EventStore for PostgresStore {
             let heads = batch::lane_heads(&plan.deliveries, grant);
             let lanes = lane_states(
                 &mut tx,
-                &self.book,
+                (&self.book, &turn),
                 &plan.deliveries,
                 &heads,
                 &grant.owner,
@@ -713,23 +720,11 @@ impl EventStore for PostgresStore {
                 claims::lease(&mut tx, &self.book, &itemized, &grant.owner, grant.lease).await?,
             );
         }
-        let leased: Vec<i64> = ids.values().copied().filter(|id| *id < 0).collect();
-        let written = async {
-            batch::confirm_started(&mut plan.deliveries, &ids);
-            let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
-            apply_settlements(&mut tx, &plan.settlements).await?;
-            tx.commit().await.doing("committing fan-out")?;
-            Ok(ledger)
-        }
-        .await;
-        let ledger = match written {
-            Ok(ledger) => ledger,
-            Err(err) => {
-                // The book knew of the items before the commit; they never existed.
-                self.book.ended(leased);
-                return Err(err);
-            }
-        };
+        batch::confirm_started(&mut plan.deliveries, &ids);
+        let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
+        apply_settlements(&mut tx, &plan.settlements).await?;
+        tx.commit().await.doing("committing fan-out")?;
+        drop(turn);
         let starts = batch::fan_out_starts(&plan, &ids, &ledger)?;
         Ok((plan.report, starts))
     }
@@ -814,13 +809,19 @@ impl EventStore for PostgresStore {
         settle_closed(&mut tx, closed).await?;
         claims::delete_spent(&mut tx, &self.book).await?;
         tx.commit().await.doing("committing outcomes")?;
-        // Every claim item among these ended here: recorded, now a row, or lost.
-        self.book.ended(
-            completions
-                .iter()
-                .map(|c| c.delivery_id)
-                .filter(|id| claims::claim_of(*id).is_some()),
-        );
+        // Every claim item among these ended here: closed, left open as a row, or lost.
+        let (closed, open): (Vec<_>, Vec<_>) = completions
+            .iter()
+            .zip(&results)
+            .filter(|(c, _)| claims::claim_of(c.delivery_id).is_some())
+            .partition(|(c, result)| {
+                matches!(result, CompletionResult::Committed { .. })
+                    && !matches!(c.outcome, Outcome::Retry { .. })
+            });
+        self.book
+            .ended(closed.into_iter().map(|(c, _)| c.delivery_id), true);
+        self.book
+            .ended(open.into_iter().map(|(c, _)| c.delivery_id), false);
         Ok(results)
     }
 
@@ -862,7 +863,7 @@ impl EventStore for PostgresStore {
         .await
         .doing("releasing leases")?;
         tx.commit().await.doing("committing a release")?;
-        self.book.ended(delivery_ids.iter().copied());
+        self.book.ended(delivery_ids.iter().copied(), false);
         Ok(released.rows_affected())
     }
 
