@@ -108,28 +108,25 @@ pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     )
 });
 
-/// Read the claims of these items (`$1`), holding them against recovery with a key-share
-/// lock (outcomes recording items of the same claim do not wait for each other;
-/// recovery's and a release's row locks do), and which of the items (`$2`) are still
-/// open: their event READY and no delivery row under their id. An item that became a row
-/// (given back, failed over, recovered) goes on as that row, and an outcome recorded once
-/// is not recorded again. (Every row carries the same list; one statement, one round trip.
-/// A claim's arrays are unnested once: indexing a compressed array decompresses it whole
-/// for each element read.)
-pub const LOCK_CLAIMS: &str = "WITH locked AS MATERIALIZED (SELECT claim_id, owner, \
-         locked_until > now() AS live, created_at, event_ids, routes, ordered, \
-         idempotency_keys FROM herald_claims \
-       WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE), \
-     wanted AS MATERIALIZED (SELECT w.id, u.event_id FROM locked l \
-       CROSS JOIN LATERAL unnest(l.event_ids) WITH ORDINALITY AS u(event_id, n) \
-       JOIN unnest($2::bigint[]) AS w(id) ON w.id = -(l.claim_id * 4096 + u.n - 1)), \
-     open AS (SELECT w.id FROM wanted w \
-       WHERE NOT (w.id = ANY (ARRAY(SELECT d.delivery_id FROM herald_deliveries d \
-           WHERE d.delivery_id = ANY($2)))) \
-         AND w.event_id = ANY (ARRAY(SELECT e.event_id FROM events e \
-           WHERE e.event_id = ANY (ARRAY(SELECT event_id FROM wanted)) \
-             AND e.event_status = 'READY'))) \
-     SELECT l.*, ARRAY(SELECT id FROM open) AS open_items FROM locked l";
+/// Read the claims of these items, holding them against recovery with a key-share lock
+/// (outcomes recording items of the same claim do not wait for each other; recovery's
+/// and a release's row locks do).
+pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live, \
+       created_at, event_ids, routes, ordered, idempotency_keys FROM herald_claims \
+     WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
+
+/// Which of these items (delivery ids, their events) are still open: their event READY and
+/// no delivery row under their id. An item that became a row (given back, failed over,
+/// recovered) goes on as that row, and an outcome recorded once is not recorded again.
+/// A statement of its own, after [`LOCK_CLAIMS`]: a statement that waited for a claim's
+/// lock reads that claim as it is now, but every other table as it was when the statement
+/// began, and would miss a row the transaction it waited for had made.
+pub const STILL_OPEN: &str = "SELECT u.delivery_id \
+     FROM UNNEST($1::bigint[], $2::bigint[]) AS u(delivery_id, event_id) \
+     WHERE NOT (u.delivery_id = ANY (ARRAY(SELECT d.delivery_id FROM herald_deliveries d \
+         WHERE d.delivery_id = ANY($1)))) \
+       AND u.event_id = ANY (ARRAY(SELECT e.event_id FROM events e \
+         WHERE e.event_id = ANY($2) AND e.event_status = 'READY'))";
 
 /// Turn open claim items into delivery rows, still leased to the claim's owner while its
 /// lease lasts. Parameters: delivery ids (NULL: every item), claim ids.
@@ -607,7 +604,6 @@ type ClaimRow = (
     Vec<String>,
     Vec<bool>,
     Vec<String>,
-    Vec<i64>,
 );
 
 /// The completions of a first attempt on an item of a live claim their owner holds, by
@@ -624,32 +620,23 @@ pub(crate) async fn lock_held(
     if wanted.is_empty() {
         return Ok(HashMap::new());
     }
-    let items: Vec<i64> = firsts()
-        .map(|c| c.delivery_id)
-        .filter(|id| claim_of(*id).is_some())
-        .collect();
     let rows: Vec<ClaimRow> = sqlx::query_as(LOCK_CLAIMS)
         .bind(&wanted)
-        .bind(&items)
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await
         .doing("locking the claims of completed items")?;
-    let open: HashSet<i64> = rows
-        .first()
-        .map(|row| row.8.iter().copied().collect())
-        .unwrap_or_default();
     let claims: HashMap<i64, ClaimRow> = rows.into_iter().map(|r| (r.0, r)).collect();
     let mut held = HashMap::new();
     for completion in firsts() {
         let Some((claim_id, position)) = item_of(completion.delivery_id) else {
             continue;
         };
-        let Some((_, owner, live, leased_at, events, routes, ordered, keys, _)) =
+        let Some((_, owner, live, leased_at, events, routes, ordered, keys)) =
             claims.get(&claim_id)
         else {
             continue;
         };
-        if !*live || *owner != completion.owner || !open.contains(&completion.delivery_id) {
+        if !*live || *owner != completion.owner {
             continue;
         }
         if let (Some(event_id), Some(route), Some(ordered), Some(key)) = (
@@ -670,6 +657,19 @@ pub(crate) async fn lock_held(
             );
         }
     }
+    if held.is_empty() {
+        return Ok(held);
+    }
+    let (ids, events): (Vec<i64>, Vec<i64>) =
+        held.iter().map(|(id, item)| (*id, item.event_id)).unzip();
+    let open: Vec<i64> = sqlx::query_scalar(STILL_OPEN)
+        .bind(&ids)
+        .bind(&events)
+        .fetch_all(conn)
+        .await
+        .doing("checking that completed items are still open")?;
+    let open: HashSet<i64> = open.into_iter().collect();
+    held.retain(|id, _| open.contains(id));
     Ok(held)
 }
 
