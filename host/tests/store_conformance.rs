@@ -84,6 +84,7 @@ async fn sqlite_fixture() -> Fixture {
         &url,
         OpenOptions {
             create_if_missing: true,
+            ..OpenOptions::default()
         },
     )
     .await

@@ -11,6 +11,7 @@ async fn sqlite_store_runs_in_wal_mode() {
         &url,
         OpenOptions {
             create_if_missing: true,
+            ..OpenOptions::default()
         },
     )
     .await
@@ -52,6 +53,7 @@ async fn an_unmigrated_store_says_what_to_run() {
         &url,
         OpenOptions {
             create_if_missing: true,
+            ..OpenOptions::default()
         },
     )
     .await

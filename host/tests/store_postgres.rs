@@ -20,8 +20,14 @@ fn orders_route(_: &EventHead) -> Vec<RoutePlan> {
     vec![RoutePlan::ordered("orders")]
 }
 
+/// A store of one instance, with the batch ledger on (migration 0013): every test here
+/// runs with it, the conformance suite without.
 async fn instance(schema: &PgSchema) -> Arc<dyn EventStore> {
-    let store = store::open(&schema.url, OpenOptions::default())
+    let options = OpenOptions {
+        batch_ledger: true,
+        ..OpenOptions::default()
+    };
+    let store = store::open(&schema.url, options)
         .await
         .expect("open postgres store");
     store.migrate().await.expect("migrate");

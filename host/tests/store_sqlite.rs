@@ -26,6 +26,7 @@ async fn open(path: &Path) -> Box<dyn EventStore> {
         &format!("sqlite://{}", path.display()),
         OpenOptions {
             create_if_missing: true,
+            ..OpenOptions::default()
         },
     )
     .await

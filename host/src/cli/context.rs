@@ -32,6 +32,7 @@ pub async fn open_existing_store(global: &GlobalArgs) -> anyhow::Result<Box<dyn 
         &choice.url,
         OpenOptions {
             create_if_missing: false,
+            batch_ledger: false,
         },
     )
     .await?;

@@ -36,6 +36,29 @@ pub enum Backend {
 pub struct OpenOptions {
     /// Create the SQLite file when it does not exist (only `init` and `migrate` do).
     pub create_if_missing: bool,
+    /// Postgres: lease and record fan-out's started one-route deliveries per batch
+    /// (migration 0013). Experimental and off by default; every instance reads both shapes
+    /// whatever it writes.
+    pub batch_ledger: bool,
+}
+
+/// The environment variable that turns the Postgres batch ledger on for `serve` (and the
+/// bench): `1`, `true` or `on`; `0`, `false`, `off` or unset leave it off.
+pub const BATCH_LEDGER_ENV: &str = "HERALD_BATCH_LEDGER";
+
+/// Whether [`BATCH_LEDGER_ENV`] asks for the batch ledger; another value is an error that
+/// names the variable.
+pub fn batch_ledger_from_env() -> StoreResult<bool> {
+    match std::env::var(BATCH_LEDGER_ENV) {
+        Err(_) => Ok(false),
+        Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "" | "0" | "false" | "off" => Ok(false),
+            "1" | "true" | "on" => Ok(true),
+            _ => Err(StoreError::Invalid(format!(
+                "{BATCH_LEDGER_ENV}={value:?}: expected 1, true, on, 0, false or off"
+            ))),
+        },
+    }
 }
 
 #[async_trait]
@@ -201,17 +224,21 @@ pub(crate) const RESUME_SQL: &str = "DELETE FROM herald_quarantine WHERE plugin 
 pub async fn open(url: &str, options: OpenOptions) -> StoreResult<Box<dyn EventStore>> {
     match StoreUrl::parse(url)? {
         StoreUrl::Sqlite(path) => Ok(Box::new(sqlite::SqliteStore::open(&path, options).await?)),
-        StoreUrl::Postgres(url) => Ok(Box::new(postgres::PostgresStore::connect(&url).await?)),
+        StoreUrl::Postgres(url) => Ok(Box::new(
+            postgres::PostgresStore::connect(&url, options.batch_ledger).await?,
+        )),
     }
 }
 
 /// Open the store a URL names, creating a missing SQLite file, and bring its schema up to
-/// date: what `init`, `migrate` and `serve` do.
+/// date: what `init`, `migrate` and `serve` do (with the batch ledger as
+/// [`BATCH_LEDGER_ENV`] says).
 pub async fn open_migrated(url: &str) -> StoreResult<Box<dyn EventStore>> {
     let store = open(
         url,
         OpenOptions {
             create_if_missing: true,
+            batch_ledger: batch_ledger_from_env()?,
         },
     )
     .await?;

@@ -73,10 +73,16 @@ pub struct PostgresStore {
     url: String,
     /// This process's open claim items (the batch ledger's leases, [`claims`]).
     book: claims::ClaimBook,
+    /// Whether fan-out leases its started one-route deliveries as claim items. Off, the
+    /// store still reads, orders behind, recovers and records other instances' items.
+    batch_ledger: bool,
+    /// Whether a claim row has been seen (or made) here: until then a claim needs neither
+    /// recovery nor the claims' order check, and costs one statement as before.
+    claims_seen: std::sync::atomic::AtomicBool,
 }
 
 impl PostgresStore {
-    pub async fn connect(url: &str) -> StoreResult<Self> {
+    pub async fn connect(url: &str, batch_ledger: bool) -> StoreResult<Self> {
         let redacted = redact_url(url);
         let options: PgConnectOptions = url.parse().map_err(|source| StoreError::Connect {
             url: redacted.clone(),
@@ -104,6 +110,8 @@ impl PostgresStore {
             lease_pool,
             url: redacted,
             book: claims::ClaimBook::default(),
+            batch_ledger,
+            claims_seen: std::sync::atomic::AtomicBool::new(batch_ledger),
         })
     }
 }
@@ -690,6 +698,10 @@ impl EventStore for PostgresStore {
         let turn = self.book.begin_fan_out();
         let owner = start.map_or("", |grant| grant.owner.as_str());
         let (candidates, stored) = take_candidates(&mut tx, request, owner).await?;
+        if stored.other_claims {
+            self.claims_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if candidates.is_empty() {
             return Ok((FanOutReport::default(), FanOutStarts::default()));
         }
@@ -713,7 +725,7 @@ impl EventStore for PostgresStore {
         let (itemized, rows): (Vec<&NewDelivery>, Vec<&NewDelivery>) = plan
             .deliveries
             .iter()
-            .partition(|d| d.start && d.alone && start.is_some());
+            .partition(|d| self.batch_ledger && d.start && d.alone && start.is_some());
         let mut ids = insert_deliveries(&mut tx, &rows, start).await?;
         if let Some(grant) = start {
             ids.extend(
@@ -730,10 +742,21 @@ impl EventStore for PostgresStore {
     }
 
     fn paces_fan_out(&self) -> bool {
-        true
+        self.batch_ledger
     }
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        if !self.claims_seen.load(std::sync::atomic::Ordering::Relaxed) {
+            let rows = sqlx::query(&plans::CLAIM_DELIVERIES)
+                .bind(&request.owner)
+                .bind(request.lease.as_secs_f64())
+                .bind(i64::from(request.limit))
+                .bind(&request.paused_routes)
+                .fetch_all(&self.lease_pool)
+                .await
+                .doing("claiming deliveries")?;
+            return rows.iter().map(rows::claimed).collect();
+        }
         let mut tx = self.lease_pool.begin().await.doing("starting a claim")?;
         claims::recover_lost(&mut tx).await?;
         let rows = sqlx::query(&claims::CLAIM_DELIVERIES)
