@@ -12,6 +12,7 @@ pub mod claims;
 pub mod outcome_batches;
 pub mod plans;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
@@ -780,21 +781,28 @@ impl EventStore for PostgresStore {
         let held = claims::lock_held(&mut tx, completions).await?;
         // Held items closed at this first attempt go into one outcome batch; a held item
         // that failed becomes a delivery row, recorded with every other completion.
+        // With no item held (every completion without the batch ledger) the completions
+        // are recorded as they came, not copied.
         let mut batched = Vec::new();
         let mut failed_items = Vec::new();
-        let mut per_row = Vec::new();
-        for completion in completions {
-            match held.get(&completion.delivery_id) {
-                Some(item) if completion.outcome.completes_key() => {
-                    batched.push((completion, item))
+        let per_row: Cow<'_, [Completion]> = if held.is_empty() {
+            Cow::Borrowed(completions)
+        } else {
+            let mut per_row = Vec::new();
+            for completion in completions {
+                match held.get(&completion.delivery_id) {
+                    Some(item) if completion.outcome.completes_key() => {
+                        batched.push((completion, item))
+                    }
+                    Some(_) => {
+                        failed_items.push(completion.delivery_id);
+                        per_row.push(completion.clone());
+                    }
+                    None => per_row.push(completion.clone()),
                 }
-                Some(_) => {
-                    failed_items.push(completion.delivery_id);
-                    per_row.push(completion.clone());
-                }
-                None => per_row.push(completion.clone()),
             }
-        }
+            Cow::Owned(per_row)
+        };
         if !failed_items.is_empty() {
             let claims: Vec<i64> = claims::claims_of(&failed_items);
             claims::materialize(&mut tx, &failed_items, &claims).await?;

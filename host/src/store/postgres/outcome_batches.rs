@@ -17,15 +17,11 @@ pub const INSERT_OUTCOME_BATCH: &str =
        plugin_versions, leased_at, started_at, duration_us) \
      VALUES ($1, int8range($2, $3, '[]'), $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
-/// An event's deliveries in both shapes, as `herald_deliveries` rows read: the batch
-/// entries are found through the index of the batches' event ranges.
-pub const EVENT_DELIVERIES: &str = "SELECT delivery_id, event_id, route, status, attempts, \
-       ordered, idempotency_key, next_attempt_at, locked_by, locked_until, last_error, \
-       updated_at FROM herald_deliveries WHERE event_id = $1 \
-     UNION ALL \
-     SELECT delivery_id, event_id, route, 'PENDING', 1, ordered, idempotency_key, \
-       locked_until, owner, locked_until, NULL, created_at \
-     FROM herald_open_claim_items WHERE event_id = $1 \
+/// An event's deliveries in both shapes, as `herald_deliveries` rows read: rows and open
+/// items through migration 0013's view, whose branches the event's id reaches; the batch
+/// entries through the index of the batches' event ranges, which the view cannot use.
+pub const EVENT_DELIVERIES: &str = "SELECT * FROM herald_open_delivery_records \
+       WHERE event_id = $1 \
      UNION ALL \
      SELECT u.delivery_id, u.event_id, u.route, \
        CASE u.outcome WHEN 'DELIVERED' THEN 'SUCCESS' ELSE u.outcome END, 1, u.ordered, \
