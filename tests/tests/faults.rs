@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,15 +129,33 @@ async fn disallowed_hosts_and_private_addresses_are_refused() {
     herald.finish().await;
 }
 
-/// Delegates to a real store, but the first `fail` completions error out after the
-/// plugin ran: the process "crashed" between the effect and the commit.
-struct CrashBeforeCommit {
+/// Delegates to a real store, but fails on purpose: the first `failing_completions`
+/// outcomes error out after the plugin ran (the process "crashed" between the effect and
+/// the commit), and every claim from the store errors out while `failing_claims` holds
+/// (the database went away between two statements).
+struct FaultyStore {
     inner: Arc<dyn EventStore>,
-    remaining: AtomicUsize,
+    failing_completions: AtomicUsize,
+    failing_claims: AtomicBool,
+}
+
+impl FaultyStore {
+    fn wrap(
+        failing_completions: usize,
+        failing_claims: bool,
+    ) -> impl FnOnce(Arc<dyn EventStore>) -> Arc<dyn EventStore> {
+        move |inner| {
+            Arc::new(FaultyStore {
+                inner,
+                failing_completions: AtomicUsize::new(failing_completions),
+                failing_claims: AtomicBool::new(failing_claims),
+            })
+        }
+    }
 }
 
 #[async_trait]
-impl EventStore for CrashBeforeCommit {
+impl EventStore for FaultyStore {
     fn backend(&self) -> Backend {
         self.inner.backend()
     }
@@ -159,6 +177,9 @@ impl EventStore for CrashBeforeCommit {
         self.inner.fan_out_starting(request, start, router).await
     }
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        if self.failing_claims.load(Ordering::SeqCst) {
+            return Err(StoreError::Invariant("injected failure of a claim".into()));
+        }
         self.inner.claim(request).await
     }
     fn paces_fan_out(&self) -> bool {
@@ -166,7 +187,7 @@ impl EventStore for CrashBeforeCommit {
     }
     async fn complete(&self, completions: &[Completion]) -> StoreResult<Vec<CompletionResult>> {
         let crashed = self
-            .remaining
+            .failing_completions
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if crashed {
@@ -226,12 +247,7 @@ async fn a_crash_after_the_effect_before_the_commit_causes_no_second_effect() {
     let herald = Herald::sqlite_wrapped(
         "lease = \"1s\"\npoll_interval = \"20ms\"",
         &routes,
-        |inner| {
-            Arc::new(CrashBeforeCommit {
-                inner,
-                remaining: AtomicUsize::new(1),
-            })
-        },
+        FaultyStore::wrap(1, false),
     )
     .await;
     let id = herald
@@ -344,5 +360,54 @@ async fn spinning_plugins_do_not_stall_other_routes() {
         let _ = stop.send(true);
     };
     tokio::join!(running, check);
+    herald.finish().await;
+}
+
+/// Deliveries fan-out queued behind an entity's earlier one, here, run when it closes,
+/// even while every claim from the store fails: the queue holds their leases, and no
+/// claim would take them while this instance renews those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_deliveries_run_while_claims_fail() {
+    let Some(herald) = Herald::postgres_wrapped(
+        "queued_while_claims_fail",
+        &route("orders", "order.*", "echo", ""),
+        FaultyStore::wrap(0, true),
+    )
+    .await
+    else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(herald.append(event("order.updated", "o-1")).await);
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = herald.service.dispatcher.run(stopped);
+    let check = async {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let mut done = true;
+            for id in &ids {
+                done &= herald.status(*id).await == EventStatus::Success;
+            }
+            if done {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every event of the entity was delivered within {LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(true);
+    };
+    tokio::join!(running, check);
+    let mut order = Vec::new();
+    for id in &ids {
+        let attempts = herald.attempts(*id).await;
+        assert_eq!(attempts.len(), 1, "event {id}: {attempts:?}");
+        order.push(attempts[0].started_at);
+    }
+    assert!(order.is_sorted(), "in order: {order:?}");
     herald.finish().await;
 }

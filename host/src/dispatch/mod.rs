@@ -407,7 +407,17 @@ impl Dispatcher {
         let mut claimed_count = 0;
         if room > 0 && ask_store {
             request.limit = u32::try_from(room).unwrap_or(u32::MAX);
-            let claimed = self.store.claim(&request).await?;
+            let claimed = match self.store.claim(&request).await {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    // The queued deliveries taken above are leased here and due: dropped,
+                    // they would stay among the leases the heartbeat renews, and never run.
+                    if !leased.is_empty() {
+                        self.start(leased, free).await;
+                    }
+                    return Err(err);
+                }
+            };
             claimed_count = claimed.len();
             self.count_claimed(claimed_count);
             leased.extend(claimed);

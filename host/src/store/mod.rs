@@ -37,23 +37,23 @@ pub struct OpenOptions {
     /// Create the SQLite file when it does not exist (only `init` and `migrate` do).
     pub create_if_missing: bool,
     /// Postgres: lease and record fan-out's started one-route deliveries per batch
-    /// (migration 0013). Experimental and off by default; every instance reads both shapes
-    /// whatever it writes.
+    /// (migration 0013). `serve` turns it on unless [`BATCH_LEDGER_ENV`] says otherwise;
+    /// every instance reads both shapes whatever it writes.
     pub batch_ledger: bool,
 }
 
-/// The environment variable that turns the Postgres batch ledger on for `serve` (and the
-/// bench): `1`, `true` or `on`; `0`, `false`, `off` or unset leave it off.
+/// The environment variable that can turn the Postgres batch ledger off for `serve` (and
+/// the bench): `0`, `false` or `off`; `1`, `true`, `on` or unset leave it on.
 pub const BATCH_LEDGER_ENV: &str = "HERALD_BATCH_LEDGER";
 
-/// Whether [`BATCH_LEDGER_ENV`] asks for the batch ledger; another value is an error that
+/// Whether [`BATCH_LEDGER_ENV`] leaves the batch ledger on; another value is an error that
 /// names the variable.
 pub fn batch_ledger_from_env() -> StoreResult<bool> {
     match std::env::var(BATCH_LEDGER_ENV) {
-        Err(_) => Ok(false),
+        Err(_) => Ok(true),
         Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
-            "" | "0" | "false" | "off" => Ok(false),
-            "1" | "true" | "on" => Ok(true),
+            "0" | "false" | "off" => Ok(false),
+            "" | "1" | "true" | "on" => Ok(true),
             _ => Err(StoreError::Invalid(format!(
                 "{BATCH_LEDGER_ENV}={value:?}: expected 1, true, on, 0, false or off"
             ))),

@@ -79,6 +79,19 @@ impl Herald {
         Some(Herald::start(dir, &url, Backend::Postgres(schema), routes).await)
     }
 
+    /// The same on Postgres with the store wrapped, or `None` as for [`Herald::postgres`].
+    pub async fn postgres_wrapped(
+        test: &str,
+        routes: &str,
+        wrap: impl FnOnce(Arc<dyn EventStore>) -> Arc<dyn EventStore>,
+    ) -> Option<Herald> {
+        let schema = PgSchema::create(test).await?;
+        let url = schema.url.clone();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(&dir, DEFAULT_DISPATCH, routes);
+        Some(Herald::with_store(dir, &url, Backend::Postgres(schema), config, wrap).await)
+    }
+
     async fn start(dir: tempfile::TempDir, url: &str, backend: Backend, routes: &str) -> Herald {
         let config = config(&dir, DEFAULT_DISPATCH, routes);
         Herald::with_store(dir, url, backend, config, |store| store).await
