@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,12 +131,12 @@ async fn disallowed_hosts_and_private_addresses_are_refused() {
 
 /// Delegates to a real store, but fails on purpose: the first `failing_completions`
 /// outcomes error out after the plugin ran (the process "crashed" between the effect and
-/// the commit), and every claim from the store errors out while `failing_claims` holds
-/// (the database went away between two statements).
+/// the commit), and with `failing_claims` every claim from the store errors out (the
+/// database went away between two statements).
 struct FaultyStore {
     inner: Arc<dyn EventStore>,
     failing_completions: AtomicUsize,
-    failing_claims: AtomicBool,
+    failing_claims: bool,
 }
 
 impl FaultyStore {
@@ -148,7 +148,7 @@ impl FaultyStore {
             Arc::new(FaultyStore {
                 inner,
                 failing_completions: AtomicUsize::new(failing_completions),
-                failing_claims: AtomicBool::new(failing_claims),
+                failing_claims,
             })
         }
     }
@@ -177,7 +177,7 @@ impl EventStore for FaultyStore {
         self.inner.fan_out_starting(request, start, router).await
     }
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
-        if self.failing_claims.load(Ordering::SeqCst) {
+        if self.failing_claims {
             return Err(StoreError::Invariant("injected failure of a claim".into()));
         }
         self.inner.claim(request).await
@@ -363,9 +363,10 @@ async fn spinning_plugins_do_not_stall_other_routes() {
     herald.finish().await;
 }
 
-/// Deliveries fan-out queued behind an entity's earlier one, here, run when it closes,
-/// even while every claim from the store fails: the queue holds their leases, and no
-/// claim would take them while this instance renews those.
+/// An entity's later events, which fan-out queues in this instance behind the earlier one
+/// it starts, each run when the one before closes, even while every claim from the store
+/// fails: the queue holds their leases, and no claim would take them while this instance
+/// renews them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_deliveries_run_while_claims_fail() {
     let Some(herald) = Herald::postgres_wrapped(
