@@ -108,6 +108,8 @@ pub struct Fleet {
     pub instances: Vec<Instance>,
     /// Instances that exited without being told to (each a crash of the host).
     pub crashes: Vec<String>,
+    /// Slots whose every incarnation runs with the batch ledger off.
+    ledger_off: Vec<&'static str>,
 }
 
 impl Fleet {
@@ -118,7 +120,13 @@ impl Fleet {
             logs: logs.to_path_buf(),
             instances: Vec::new(),
             crashes: Vec::new(),
+            ledger_off: Vec::new(),
         }
+    }
+
+    /// Run every incarnation of `slot` with the Postgres batch ledger off.
+    pub fn batch_ledger_off(&mut self, slot: &'static str) {
+        self.ledger_off.push(slot);
     }
 
     /// `herald CMD...` with the run's config, for one-off commands (migrate, deploy).
@@ -151,7 +159,11 @@ impl Fleet {
         let log_path = self.logs.join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if self.ledger_off.contains(&slot) {
+            command.env("HERALD_BATCH_LEDGER", "0");
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .arg("serve")

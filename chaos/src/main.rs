@@ -46,7 +46,8 @@ initdb and pg_ctl, default /usr/lib/postgresql/15/bin) and deletes it at the end
 Examples:
   tests/chaos                       # full size, release build
   tests/chaos --ci                  # CI size, debug build
-  tests/chaos --seed 42             # replay the faults' plan and the sink's answers"
+  tests/chaos --seed 42             # replay the faults' plan and the sink's answers
+  tests/chaos --ci --mixed-ledger   # instance b with the Postgres batch ledger off"
 )]
 struct Args {
     /// The `herald` binary to run as `herald serve`.
@@ -79,6 +80,10 @@ struct Args {
     /// The whole run must finish within this many seconds [default: 3600; 900 with --ci].
     #[arg(long, value_name = "SECS")]
     deadline: Option<u64>,
+    /// Run instance b with the Postgres batch ledger off (`HERALD_BATCH_LEDGER=0`) and a as
+    /// the environment says (on by default): a fleet mid-way through turning it on or off.
+    #[arg(long)]
+    mixed_ledger: bool,
 }
 
 /// One run's size.
@@ -145,6 +150,9 @@ fn tuning() -> Tuning {
 const CHUNK: u64 = 500;
 /// The instance slots; two processes, as the issue asks.
 const SLOTS: [&str; 2] = ["a", "b"];
+
+/// The slot that runs with the batch ledger off under `--mixed-ledger`.
+const MIXED_LEDGER_OFF: &str = "b";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -249,6 +257,9 @@ async fn fault_run(
         tuning,
     )?;
     let mut fleet = Fleet::new(&args.herald, &config, &logs_dir);
+    if args.mixed_ledger {
+        fleet.batch_ledger_off(MIXED_LEDGER_OFF);
+    }
     // Tables first, so the producer can insert before the instances are up.
     fleet.herald(&["migrate"], Duration::from_secs(60)).await?;
     for slot in SLOTS {
@@ -545,9 +556,20 @@ fn print_header(args: &Args, size: &Size, seed: u64, tuning: &Tuning) {
         size.deploys
     );
     println!(
-        "- seed {seed} (replay: `tests/chaos{} --seed {seed}`)",
-        if args.ci { " --ci" } else { "" }
+        "- seed {seed} (replay: `tests/chaos{}{} --seed {seed}`)",
+        if args.ci { " --ci" } else { "" },
+        if args.mixed_ledger {
+            " --mixed-ledger"
+        } else {
+            ""
+        }
     );
+    if args.mixed_ledger {
+        println!(
+            "- batch ledger off (HERALD_BATCH_LEDGER=0) for instance {MIXED_LEDGER_OFF}; \
+             the others as the environment says"
+        );
+    }
     println!(
         "- route: webhook plugin, ordering per entity, http_timeout {} ms, time_limit {} ms; \
          lease {} ms; concurrency {} per instance; retry max_attempts {}, backoff {}–{} ms",

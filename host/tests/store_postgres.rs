@@ -1181,6 +1181,43 @@ async fn another_owners_claim_item_holds_its_lane_back() {
     schema.drop().await;
 }
 
+/// An instance with the batch ledger off that has never seen a claim row (just started, or
+/// its fan-out found the lock taken every time) still does not claim a row behind another
+/// instance's open item.
+#[tokio::test]
+async fn an_instance_with_the_ledger_off_claims_nothing_behind_an_item() {
+    let Some(schema) = PgSchema::create("store_pg_batch_ledger_off_order").await else {
+        return;
+    };
+    let alpha = instance(&schema).await;
+    append_order(&*alpha, "A").await;
+    let first = fan_out_as(&*alpha, "alpha", 10, 0).await.now;
+    assert_eq!(first.len(), 1);
+    assert!(first[0].delivery_id < 0, "leased as a claim item");
+    let second = append_order(&*alpha, "A").await;
+    // Fanned out without a grant: a delivery row, due, waiting for a claim.
+    let unstarted = fan_out_as(&*alpha, "alpha", 0, 0).await;
+    assert!(unstarted.now.is_empty() && unstarted.queued.is_empty());
+
+    let beta: Arc<dyn EventStore> = Arc::from(
+        store::open(&schema.url, OpenOptions::default())
+            .await
+            .expect("open postgres store"),
+    );
+    assert!(
+        beta.claim(&grant("beta", 10))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "A's second waits behind alpha's item"
+    );
+    complete_as(&*alpha, &first[0], "alpha", Outcome::delivered()).await;
+    let next = beta.claim(&grant("beta", 10)).await.expect("claim");
+    assert_eq!(event_ids(&next), vec![second]);
+    drop((alpha, beta));
+    schema.drop().await;
+}
+
 /// An outcome is recorded once: sent again (its first commit's answer was lost), or for an
 /// item this instance has since given back, it finds the item no longer open and is
 /// refused, with nothing written twice.

@@ -210,6 +210,21 @@ pub static CLAIM_DELIVERIES: std::sync::LazyLock<String> = std::sync::LazyLock::
         )
 });
 
+/// The claim of an instance that has not seen a claim row yet: the statement without the
+/// claims' order check, which claims nothing while any claim exists. The same snapshot
+/// that picks the rows sees the claims, so a claim made since this instance last looked
+/// cannot let it take a row behind that claim's item.
+pub static CLAIM_UNLESS_CLAIMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    super::plans::CLAIM_DELIVERIES.replacen(
+        "AND NOT (d.route = ANY($4))",
+        "AND NOT EXISTS (SELECT 1 FROM herald_claims) AND NOT (d.route = ANY($4))",
+        1,
+    )
+});
+
+/// Whether any claim exists.
+pub const ANY_CLAIM: &str = "SELECT EXISTS (SELECT 1 FROM herald_claims)";
+
 /// A lane: (owner, route, entity type, entity id).
 type LaneKey = (String, String, String, String);
 

@@ -77,8 +77,9 @@ pub struct PostgresStore {
     /// Whether fan-out leases its started one-route deliveries as claim items. Off, the
     /// store still reads, orders behind, recovers and records other instances' items.
     batch_ledger: bool,
-    /// Whether a claim row has been seen (or made) here: until then a claim needs neither
-    /// recovery nor the claims' order check, and costs one statement as before.
+    /// Whether a claim row has been seen (or made) here: until then a claim is one
+    /// statement without recovery or the claims' order check, which takes nothing while
+    /// any claim exists ([`claims::CLAIM_UNLESS_CLAIMS`]).
     claims_seen: std::sync::atomic::AtomicBool,
 }
 
@@ -748,7 +749,10 @@ impl EventStore for PostgresStore {
 
     async fn claim(&self, request: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         if !self.claims_seen.load(std::sync::atomic::Ordering::Relaxed) {
-            let rows = sqlx::query(&plans::CLAIM_DELIVERIES)
+            // Another instance may have claims this one has not seen (its fan-out takes
+            // nothing while another holds the lock, and a restart forgets): the claim
+            // takes nothing while any exist, and then this instance looks for good.
+            let rows = sqlx::query(&claims::CLAIM_UNLESS_CLAIMS)
                 .bind(&request.owner)
                 .bind(request.lease.as_secs_f64())
                 .bind(i64::from(request.limit))
@@ -756,7 +760,18 @@ impl EventStore for PostgresStore {
                 .fetch_all(&self.lease_pool)
                 .await
                 .doing("claiming deliveries")?;
-            return rows.iter().map(rows::claimed).collect();
+            if !rows.is_empty() {
+                return rows.iter().map(rows::claimed).collect();
+            }
+            let any_claim: bool = sqlx::query_scalar(claims::ANY_CLAIM)
+                .fetch_one(&self.lease_pool)
+                .await
+                .doing("looking for claims")?;
+            if !any_claim {
+                return Ok(Vec::new());
+            }
+            self.claims_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let mut tx = self.lease_pool.begin().await.doing("starting a claim")?;
         claims::recover_lost(&mut tx).await?;
