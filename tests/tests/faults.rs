@@ -340,14 +340,7 @@ async fn spinning_plugins_do_not_stall_other_routes() {
         for n in 0..20 {
             fine.push(herald.append(event("ok.tick", &format!("e{n}"))).await);
         }
-        loop {
-            let mut done = true;
-            for id in &fine {
-                done &= herald.status(*id).await == EventStatus::Success;
-            }
-            if done {
-                break;
-            }
+        while !herald.all_succeeded(&fine).await {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // All delivered while the spins were still running: no attempt of theirs recorded.
@@ -386,14 +379,7 @@ async fn queued_deliveries_run_while_claims_fail() {
     let running = herald.service.dispatcher.run(stopped);
     let check = async {
         let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let mut done = true;
-            for id in &ids {
-                done &= herald.status(*id).await == EventStatus::Success;
-            }
-            if done {
-                break;
-            }
+        while !herald.all_succeeded(&ids).await {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "not every event of the entity was delivered within {LIMIT:?}"

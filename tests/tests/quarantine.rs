@@ -138,13 +138,7 @@ ordering = \"none\"
     // and nothing of it goes DEAD; the other plugin's route finishes.
     let paused_at = fragile_attempts(&herald).await;
     herald
-        .run_until(LIMIT, async |h: &Herald| {
-            let mut done = true;
-            for id in &steady {
-                done &= h.status(*id).await == EventStatus::Success;
-            }
-            done
-        })
+        .run_until(LIMIT, async |h: &Herald| h.all_succeeded(&steady).await)
         .await;
     for _ in 0..5 {
         herald.service.dispatcher.drain().await.expect("drain");

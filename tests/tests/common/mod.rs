@@ -73,10 +73,7 @@ impl Herald {
 
     /// The same on Postgres, or `None` when Postgres is unreachable outside CI.
     pub async fn postgres(test: &str, routes: &str) -> Option<Herald> {
-        let schema = PgSchema::create(test).await?;
-        let url = schema.url.clone();
-        let dir = tempfile::tempdir().expect("temp dir");
-        Some(Herald::start(dir, &url, Backend::Postgres(schema), routes).await)
+        Herald::postgres_wrapped(test, routes, |store| store).await
     }
 
     /// The same on Postgres with the store wrapped, or `None` as for [`Herald::postgres`].
@@ -194,6 +191,16 @@ impl Herald {
                 .len();
         }
         open
+    }
+
+    /// Whether every one of these events is SUCCESS.
+    pub async fn all_succeeded(&self, ids: &[i64]) -> bool {
+        for id in ids {
+            if self.status(*id).await != EventStatus::Success {
+                return false;
+            }
+        }
+        true
     }
 
     pub async fn detail(&self, id: i64) -> EventDetail {
