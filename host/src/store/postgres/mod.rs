@@ -192,6 +192,23 @@ async fn take_candidates(
     Ok((candidates, stored))
 }
 
+/// Run one of the claim statements (they share their parameters: owner, lease in seconds,
+/// limit, paused routes).
+async fn claim_rows<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    statement: &str,
+    request: &ClaimRequest,
+) -> StoreResult<Vec<PgRow>> {
+    sqlx::query(statement)
+        .bind(&request.owner)
+        .bind(request.lease.as_secs_f64())
+        .bind(i64::from(request.limit))
+        .bind(&request.paused_routes)
+        .fetch_all(executor)
+        .await
+        .doing("claiming deliveries")
+}
+
 /// Which stored shapes may hold an open delivery on some lane, as fan-out's take found:
 /// only those are read for the lanes of new deliveries.
 #[derive(Debug, Default, Clone, Copy)]
@@ -752,14 +769,7 @@ impl EventStore for PostgresStore {
             // Another instance may have claims this one has not seen (its fan-out takes
             // nothing while another holds the lock, and a restart forgets): the claim
             // takes nothing while any exist, and then this instance looks for good.
-            let rows = sqlx::query(&claims::CLAIM_UNLESS_CLAIMS)
-                .bind(&request.owner)
-                .bind(request.lease.as_secs_f64())
-                .bind(i64::from(request.limit))
-                .bind(&request.paused_routes)
-                .fetch_all(&self.lease_pool)
-                .await
-                .doing("claiming deliveries")?;
+            let rows = claim_rows(&self.lease_pool, &claims::CLAIM_UNLESS_CLAIMS, request).await?;
             if !rows.is_empty() {
                 return rows.iter().map(rows::claimed).collect();
             }
@@ -775,14 +785,7 @@ impl EventStore for PostgresStore {
         }
         let mut tx = self.lease_pool.begin().await.doing("starting a claim")?;
         claims::recover_lost(&mut tx).await?;
-        let rows = sqlx::query(&claims::CLAIM_DELIVERIES)
-            .bind(&request.owner)
-            .bind(request.lease.as_secs_f64())
-            .bind(i64::from(request.limit))
-            .bind(&request.paused_routes)
-            .fetch_all(&mut *tx)
-            .await
-            .doing("claiming deliveries")?;
+        let rows = claim_rows(&mut *tx, &claims::CLAIM_DELIVERIES, request).await?;
         tx.commit().await.doing("committing a claim")?;
         rows.iter().map(rows::claimed).collect()
     }
