@@ -13,7 +13,7 @@
 //! memory ([`ClaimBook`]) and other owners' (and expired) claims from the table, only when
 //! its take says any exist; the claim's order check reads open items of every claim.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -114,19 +114,6 @@ pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live, \
        created_at, event_ids, routes, ordered, idempotency_keys FROM herald_claims \
      WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
-
-/// Which of these items (delivery ids, their events) are still open: their event READY and
-/// no delivery row under their id. An item that became a row (given back, failed over,
-/// recovered) goes on as that row, and an outcome recorded once is not recorded again.
-/// A statement of its own, after [`LOCK_CLAIMS`]: a statement that waited for a claim's
-/// lock reads that claim as it is now, but every other table as it was when the statement
-/// began, and would miss a row the transaction it waited for had made.
-pub const STILL_OPEN: &str = "SELECT u.delivery_id \
-     FROM UNNEST($1::bigint[], $2::bigint[]) AS u(delivery_id, event_id) \
-     WHERE NOT (u.delivery_id = ANY (ARRAY(SELECT d.delivery_id FROM herald_deliveries d \
-         WHERE d.delivery_id = ANY($1)))) \
-       AND u.event_id = ANY (ARRAY(SELECT e.event_id FROM events e \
-         WHERE e.event_id = ANY($2) AND e.event_status = 'READY'))";
 
 /// Turn open claim items into delivery rows, still leased to the claim's owner while its
 /// lease lasts. Parameters: delivery ids (NULL: every item), claim ids.
@@ -622,7 +609,10 @@ type ClaimRow = (
 );
 
 /// The completions of a first attempt on an item of a live claim their owner holds, by
-/// delivery id; the claims are key-share locked until the transaction ends.
+/// delivery id; the claims are key-share locked until the transaction ends. Whether each
+/// item is still open is decided where it is recorded
+/// ([`super::outcome_batches::SETTLE_OPEN_ITEMS`]) or turned into a row ([`MATERIALIZE`]),
+/// each a later statement than this lock's.
 pub(crate) async fn lock_held(
     conn: &mut PgConnection,
     completions: &[Completion],
@@ -672,19 +662,6 @@ pub(crate) async fn lock_held(
             );
         }
     }
-    if held.is_empty() {
-        return Ok(held);
-    }
-    let (ids, events): (Vec<i64>, Vec<i64>) =
-        held.iter().map(|(id, item)| (*id, item.event_id)).unzip();
-    let open: Vec<i64> = sqlx::query_scalar(STILL_OPEN)
-        .bind(&ids)
-        .bind(&events)
-        .fetch_all(conn)
-        .await
-        .doing("checking that completed items are still open")?;
-    let open: HashSet<i64> = open.into_iter().collect();
-    held.retain(|id, _| open.contains(id));
     Ok(held)
 }
 

@@ -797,26 +797,34 @@ impl EventStore for PostgresStore {
             .await
             .doing("starting to record outcomes")?;
         let held = claims::lock_held(&mut tx, completions).await?;
-        // Held items closed at this first attempt go into one outcome batch; a held item
-        // that failed becomes a delivery row, recorded with every other completion.
-        // With no item held (every completion without the batch ledger) the completions
-        // are recorded as they came, not copied.
+        // Held items still open and closed at this first attempt go into one outcome batch,
+        // their events settled first (which finds them open); a held item that failed
+        // becomes a delivery row, recorded with every other completion. With no item held
+        // (every completion without the batch ledger) the completions are recorded as they
+        // came, not copied.
         let mut batched = Vec::new();
         let mut failed_items = Vec::new();
         let per_row: Cow<'_, [Completion]> = if held.is_empty() {
             Cow::Borrowed(completions)
         } else {
+            let closing: Vec<(&Completion, &claims::HeldItem)> = completions
+                .iter()
+                .filter(|c| c.outcome.completes_key())
+                .filter_map(|c| Some((c, held.get(&c.delivery_id)?)))
+                .collect();
+            let open = outcome_batches::settle_open(&mut tx, &closing).await?;
             let mut per_row = Vec::new();
             for completion in completions {
                 match held.get(&completion.delivery_id) {
-                    Some(item) if completion.outcome.completes_key() => {
+                    Some(item) if open.contains(&completion.delivery_id) => {
                         batched.push((completion, item))
                     }
-                    Some(_) => {
+                    Some(_) if !completion.outcome.completes_key() => {
                         failed_items.push(completion.delivery_id);
                         per_row.push(completion.clone());
                     }
-                    None => per_row.push(completion.clone()),
+                    // Not an item, or one no longer open: whatever row it is now decides.
+                    _ => per_row.push(completion.clone()),
                 }
             }
             Cow::Owned(per_row)
@@ -825,7 +833,7 @@ impl EventStore for PostgresStore {
             let claims: Vec<i64> = claims::claims_of(&failed_items);
             claims::materialize(&mut tx, &failed_items, &claims).await?;
         }
-        let batch_settlements = outcome_batches::record(&mut tx, &batched).await?;
+        outcome_batches::record(&mut tx, &batched).await?;
         let closed = if per_row.is_empty() {
             Closed::default()
         } else {
@@ -854,7 +862,6 @@ impl EventStore for PostgresStore {
             }
             results.push(CompletionResult::Committed { emitted });
         }
-        apply_settlements(&mut tx, &batch_settlements).await?;
         settle_closed(&mut tx, closed).await?;
         claims::delete_spent(&mut tx, &self.book).await?;
         tx.commit().await.doing("committing outcomes")?;
