@@ -1286,6 +1286,77 @@ async fn an_item_is_recorded_once_and_not_after_it_was_given_back() {
     schema.drop().await;
 }
 
+/// Texts of one column per row, in order.
+async fn texts(schema: &PgSchema, sql: &str) -> Vec<String> {
+    let mut conn = PgConnection::connect(&schema.url).await.expect("connect");
+    sqlx::query_scalar(sql)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// An outcome records its item as the claim wrote it, whether the store handle recording
+/// it made the claim (it remembers the items) or not (it reads them from the claim).
+#[tokio::test]
+async fn an_item_is_recorded_as_its_claim_wrote_it_through_any_store_handle() {
+    let Some(schema) = PgSchema::create("store_pg_batch_ledger_handles").await else {
+        return;
+    };
+    let made_it = instance(&schema).await;
+    let another = instance(&schema).await;
+    for entity in ["A", "B"] {
+        let mut event = NewEvent::new("order.created", "order", entity, json!({}));
+        event.idempotency_key = Some(format!("order-{entity}"));
+        made_it.append(&event).await.expect("append");
+    }
+    let started = fan_out_as(&*made_it, "alpha", 10, 0).await.now;
+    assert_eq!(started.len(), 2);
+    let as_claimed = texts(
+        &schema,
+        "SELECT concat_ws('/', u.event_id, u.route, u.ordered, u.key, c.created_at) \
+         FROM herald_claims c CROSS JOIN LATERAL \
+           unnest(c.event_ids, c.routes, c.ordered, c.idempotency_keys) \
+           AS u(event_id, route, ordered, key) ORDER BY u.event_id",
+    )
+    .await;
+    for (store, delivery) in [(&made_it, &started[0]), (&another, &started[1])] {
+        assert!(matches!(
+            complete_as(&**store, delivery, "alpha", Outcome::delivered()).await,
+            CompletionResult::Committed { .. }
+        ));
+    }
+    let as_recorded = texts(
+        &schema,
+        "SELECT concat_ws('/', u.event_id, u.route, u.ordered, u.key, u.leased_at) \
+         FROM herald_outcome_batches b CROSS JOIN LATERAL \
+           unnest(b.event_ids, b.routes, b.ordered, b.idempotency_keys, b.leased_at) \
+           AS u(event_id, route, ordered, key, leased_at) ORDER BY u.event_id",
+    )
+    .await;
+    assert_eq!(as_recorded, as_claimed);
+    assert_eq!(
+        texts(
+            &schema,
+            "SELECT concat_ws('/', route, idempotency_key, event_id, outcome) \
+             FROM herald_idempotency ORDER BY event_id"
+        )
+        .await,
+        as_claimed
+            .iter()
+            .map(|item| {
+                let [event_id, route, _, key, _] = item.splitn(5, '/').collect::<Vec<_>>()[..]
+                else {
+                    panic!("{item}")
+                };
+                format!("{route}/{key}/{event_id}/DELIVERED")
+            })
+            .collect::<Vec<_>>(),
+        "each key in the ledger once, under its route and event"
+    );
+    drop((made_it, another));
+    schema.drop().await;
+}
+
 /// A claim's lease covers all its items, so renewing it for the items an instance still
 /// holds first turns those it no longer holds into delivery rows, under the lease they
 /// had: that lease then runs out and another instance takes them, instead of the claim

@@ -14,7 +14,7 @@
 //! its take says any exist; the claim's order check reads open items of every claim.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -56,7 +56,8 @@ pub(crate) fn claims_of(delivery_ids: &[i64]) -> Vec<i64> {
 pub const INSERT_CLAIM: &str =
     "INSERT INTO herald_claims (owner, locked_until, event_ids, routes, \
        entity_types, entity_ids, ordered, idempotency_keys) \
-     VALUES ($1, now() + make_interval(secs => $2), $3, $4, $5, $6, $7, $8) RETURNING claim_id";
+     VALUES ($1, now() + make_interval(secs => $2), $3, $4, $5, $6, $7, $8) \
+     RETURNING claim_id, created_at";
 
 /// A claim's items: `c` the claim, `u` its items, `u.n` the 1-based position.
 const ITEMS: &str = "unnest(c.event_ids, c.routes, c.entity_types, c.entity_ids, c.ordered, \
@@ -108,12 +109,17 @@ pub static LANE_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     )
 });
 
-/// Read the claims of these items, holding them against recovery with a key-share lock
-/// (outcomes recording items of the same claim do not wait for each other; recovery's
-/// and a release's row locks do).
-pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live, \
-       created_at, event_ids, routes, ordered, idempotency_keys FROM herald_claims \
-     WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
+/// Whose these claims are and whether their lease lasts, holding them against recovery
+/// with a key-share lock (outcomes recording items of the same claim do not wait for each
+/// other; recovery's and a release's row locks do). Not their items: the book has those
+/// of the claims this process made, and a claim's arrays are read whole, however few of
+/// its items an outcome records.
+pub const LOCK_CLAIMS: &str = "SELECT claim_id, owner, locked_until > now() AS live \
+     FROM herald_claims WHERE claim_id = ANY($1) ORDER BY claim_id FOR KEY SHARE";
+
+/// The items of claims the book does not know (made through another store handle).
+pub const CLAIM_ITEMS: &str = "SELECT claim_id, created_at, event_ids, routes, ordered, \
+       idempotency_keys FROM herald_claims WHERE claim_id = ANY($1)";
 
 /// Turn open claim items into delivery rows, still leased to the claim's owner while its
 /// lease lasts. Parameters: delivery ids (NULL: every item), claim ids.
@@ -232,6 +238,8 @@ pub(crate) struct ClaimBook {
 struct BookState {
     /// Claim → items not yet ended here.
     open: HashMap<i64, usize>,
+    /// Claim → its items as written, while any is open here.
+    items: HashMap<i64, Arc<ClaimItems>>,
     /// Claim → when its lease ends, as known here (never before the database's end), and
     /// the lease's length.
     leases: HashMap<i64, (Instant, Duration)>,
@@ -244,6 +252,41 @@ struct BookState {
     /// Fan-outs begun so far, and those still running.
     fan_outs: u64,
     running: Vec<u64>,
+}
+
+/// A claim's items, in the claim's columns.
+#[derive(Debug)]
+struct ClaimItems {
+    created_at: DateTime<Utc>,
+    event_ids: Vec<i64>,
+    routes: Vec<String>,
+    ordered: Vec<bool>,
+    keys: Vec<String>,
+}
+
+impl ClaimItems {
+    fn of(deliveries: &[&NewDelivery]) -> Self {
+        let text = |f: fn(&NewDelivery) -> &str| -> Vec<String> {
+            deliveries.iter().map(|d| f(d).to_owned()).collect()
+        };
+        ClaimItems {
+            created_at: DateTime::<Utc>::MIN_UTC,
+            event_ids: deliveries.iter().map(|d| d.event_id).collect(),
+            routes: text(|d| &d.route),
+            ordered: deliveries.iter().map(|d| d.ordered).collect(),
+            keys: text(|d| &d.idempotency_key),
+        }
+    }
+
+    fn held(&self, position: usize) -> Option<HeldItem> {
+        Some(HeldItem {
+            leased_at: self.created_at,
+            event_id: *self.event_ids.get(position)?,
+            route: self.routes.get(position)?.clone(),
+            ordered: *self.ordered.get(position)?,
+            idempotency_key: self.keys.get(position)?.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -328,9 +371,17 @@ impl ClaimBook {
     }
 
     /// A claim's items, before its transaction commits.
-    fn opened(&self, owner: &str, claim_id: i64, items: &[(&NewDelivery, i64)], lease: Duration) {
+    fn opened(
+        &self,
+        owner: &str,
+        claim_id: i64,
+        written: ClaimItems,
+        items: &[(&NewDelivery, i64)],
+        lease: Duration,
+    ) {
         let mut state = self.state();
         state.open.insert(claim_id, items.len());
+        state.items.insert(claim_id, Arc::new(written));
         state
             .leases
             .insert(claim_id, (Instant::now() + lease, lease));
@@ -379,6 +430,7 @@ impl ClaimBook {
                 *open = open.saturating_sub(1);
                 if *open == 0 {
                     state.open.remove(&claim);
+                    state.items.remove(&claim);
                     state.spent.push(claim);
                 }
             }
@@ -433,6 +485,15 @@ impl ClaimBook {
         own
     }
 
+    /// The items of those of `claims` the book knows.
+    fn items_of(&self, claims: &[i64]) -> HashMap<i64, Arc<ClaimItems>> {
+        let state = self.state();
+        claims
+            .iter()
+            .filter_map(|claim| Some((*claim, state.items.get(claim)?.clone())))
+            .collect()
+    }
+
     fn take_spent(&self) -> Vec<i64> {
         std::mem::take(&mut self.state().spent)
     }
@@ -482,24 +543,26 @@ async fn lease_chunks(
 ) -> StoreResult<()> {
     for chunk in deliveries.chunks(ITEM_SPAN as usize) {
         let column = |f: fn(&NewDelivery) -> &str| chunk.iter().map(|d| f(d)).collect::<Vec<_>>();
-        let claim_id: i64 = sqlx::query_scalar(INSERT_CLAIM)
+        let mut written = ClaimItems::of(chunk);
+        let (claim_id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(INSERT_CLAIM)
             .bind(owner)
             .bind(lease.as_secs_f64())
-            .bind(chunk.iter().map(|d| d.event_id).collect::<Vec<_>>())
-            .bind(column(|d| &d.route))
+            .bind(&written.event_ids)
+            .bind(&written.routes)
             .bind(column(|d| &d.entity_type))
             .bind(column(|d| &d.entity_id))
-            .bind(chunk.iter().map(|d| d.ordered).collect::<Vec<_>>())
-            .bind(column(|d| &d.idempotency_key))
+            .bind(&written.ordered)
+            .bind(&written.keys)
             .fetch_one(&mut *conn)
             .await
             .doing("leasing started deliveries as a claim")?;
+        written.created_at = created_at;
         let items: Vec<(&NewDelivery, i64)> = chunk
             .iter()
             .enumerate()
             .map(|(position, d)| (*d, item_id(claim_id, position)))
             .collect();
-        book.opened(owner, claim_id, &items, lease);
+        book.opened(owner, claim_id, written, &items, lease);
         ids.extend(
             items
                 .into_iter()
@@ -597,17 +660,6 @@ pub(crate) struct HeldItem {
     pub idempotency_key: String,
 }
 
-type ClaimRow = (
-    i64,
-    String,
-    bool,
-    DateTime<Utc>,
-    Vec<i64>,
-    Vec<String>,
-    Vec<bool>,
-    Vec<String>,
-);
-
 /// The completions of a first attempt on an item of a live claim their owner holds, by
 /// delivery id; the claims are key-share locked until the transaction ends. Whether each
 /// item is still open is decided where it is recorded
@@ -615,6 +667,7 @@ type ClaimRow = (
 /// each a later statement than this lock's.
 pub(crate) async fn lock_held(
     conn: &mut PgConnection,
+    book: &ClaimBook,
     completions: &[Completion],
 ) -> StoreResult<HashMap<i64, HeldItem>> {
     let firsts = || completions.iter().filter(|c| c.attempt == 1);
@@ -625,44 +678,75 @@ pub(crate) async fn lock_held(
     if wanted.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<ClaimRow> = sqlx::query_as(LOCK_CLAIMS)
+    let leases: Vec<(i64, String, bool)> = sqlx::query_as(LOCK_CLAIMS)
         .bind(&wanted)
         .fetch_all(&mut *conn)
         .await
         .doing("locking the claims of completed items")?;
-    let claims: HashMap<i64, ClaimRow> = rows.into_iter().map(|r| (r.0, r)).collect();
+    let live: HashMap<i64, String> = leases
+        .into_iter()
+        .filter(|(_, _, live)| *live)
+        .map(|(claim, owner, _)| (claim, owner))
+        .collect();
+    let live_claims: Vec<i64> = live.keys().copied().collect();
+    let items = items_of(conn, book, &live_claims).await?;
     let mut held = HashMap::new();
     for completion in firsts() {
         let Some((claim_id, position)) = item_of(completion.delivery_id) else {
             continue;
         };
-        let Some((_, owner, live, leased_at, events, routes, ordered, keys)) =
-            claims.get(&claim_id)
-        else {
-            continue;
-        };
-        if !*live || *owner != completion.owner {
+        if live.get(&claim_id) != Some(&completion.owner) {
             continue;
         }
-        if let (Some(event_id), Some(route), Some(ordered), Some(key)) = (
-            events.get(position),
-            routes.get(position),
-            ordered.get(position),
-            keys.get(position),
-        ) {
-            held.insert(
-                completion.delivery_id,
-                HeldItem {
-                    leased_at: *leased_at,
-                    event_id: *event_id,
-                    route: route.clone(),
-                    ordered: *ordered,
-                    idempotency_key: key.clone(),
-                },
-            );
+        if let Some(item) = items.get(&claim_id).and_then(|items| items.held(position)) {
+            held.insert(completion.delivery_id, item);
         }
     }
     Ok(held)
+}
+
+/// The items of these claims: from the book, and those it does not know from the table.
+async fn items_of(
+    conn: &mut PgConnection,
+    book: &ClaimBook,
+    claims: &[i64],
+) -> StoreResult<HashMap<i64, Arc<ClaimItems>>> {
+    let mut items = book.items_of(claims);
+    let unknown: Vec<i64> = claims
+        .iter()
+        .filter(|claim| !items.contains_key(claim))
+        .copied()
+        .collect();
+    if unknown.is_empty() {
+        return Ok(items);
+    }
+    type Row = (
+        i64,
+        DateTime<Utc>,
+        Vec<i64>,
+        Vec<String>,
+        Vec<bool>,
+        Vec<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(CLAIM_ITEMS)
+        .bind(&unknown)
+        .fetch_all(conn)
+        .await
+        .doing("reading the items of claims made elsewhere")?;
+    items.extend(
+        rows.into_iter()
+            .map(|(claim, created_at, event_ids, routes, ordered, keys)| {
+                let written = ClaimItems {
+                    created_at,
+                    event_ids,
+                    routes,
+                    ordered,
+                    keys,
+                };
+                (claim, Arc::new(written))
+            }),
+    );
+    Ok(items)
 }
 
 /// Write the open items `ids` of `claims` as delivery rows, leased while their claim is.

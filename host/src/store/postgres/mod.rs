@@ -796,7 +796,7 @@ impl EventStore for PostgresStore {
             .begin_with(PLAN_ONCE)
             .await
             .doing("starting to record outcomes")?;
-        let held = claims::lock_held(&mut tx, completions).await?;
+        let held = claims::lock_held(&mut tx, &self.book, completions).await?;
         // Held items still open and closed at this first attempt go into one outcome batch,
         // their events settled first (which finds them open); a held item that failed
         // becomes a delivery row, recorded with every other completion. With no item held

@@ -255,6 +255,7 @@ pub fn planned_once() -> Vec<(&'static str, &'static str)> {
         ("lock_events", LOCK_EVENTS),
         ("events_deliveries", EVENTS_DELIVERIES),
         ("lock_claims", claims::LOCK_CLAIMS),
+        ("claim_items", claims::CLAIM_ITEMS),
         ("settle_open_items", outcome_batches::SETTLE_OPEN_ITEMS),
         ("materialize", claims::MATERIALIZE.as_str()),
         (
