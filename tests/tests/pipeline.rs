@@ -375,6 +375,47 @@ async fn an_entity_waits_for_its_retrying_event_while_others_flow(herald: Herald
     herald.finish().await;
 }
 
+/// On Postgres fan-out takes no more events than this instance can lease, and an entity's
+/// later events wait in the lane queue behind its first: with one slot (a queue of 16) and
+/// 40 events per entity, the queue is full long before the backlog is fanned out. One
+/// drain still delivers everything, each entity's events in order: a pass that can lease
+/// nothing waits for a claim to make room, rather than ending the drain's round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_drain_delivers_a_backlog_larger_than_the_lane_queue_in_order() {
+    let Some(herald) = Herald::postgres_with_dispatch(
+        "e2e_drain_past_full_queue",
+        "concurrency = 1\nbatch_size = 50\nlease = \"30s\"\npoll_interval = \"20ms\"",
+        &echo_route("audit", "order.*", ""),
+    )
+    .await
+    else {
+        return;
+    };
+    let entities = ["A", "B", "C"];
+    let mut ids: Vec<(&str, i64)> = Vec::new();
+    for _ in 0..40 {
+        for entity in entities {
+            ids.push((entity, herald.append(order(entity)).await));
+        }
+    }
+    tokio::time::timeout(LIMIT, herald.service.dispatcher.drain())
+        .await
+        .expect("the drain ended")
+        .expect("drain");
+    let all: Vec<i64> = ids.iter().map(|(_, id)| *id).collect();
+    assert!(herald.all_succeeded(&all).await, "one drain delivered all");
+    for entity in entities {
+        let mut started = Vec::new();
+        for (_, id) in ids.iter().filter(|(e, _)| *e == entity) {
+            let attempts = herald.attempts(*id).await;
+            assert_eq!(attempts.len(), 1, "event {id}: {attempts:?}");
+            started.push(attempts[0].started_at);
+        }
+        assert!(started.is_sorted(), "{entity} in order: {started:?}");
+    }
+    herald.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upcaster_output_flows_on_to_the_webhook() {
     let sink = Sink::start().await;

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, DispatchConfig};
 
 /// The variables understood, for documentation and tests.
 pub const OVERRIDES: &[&str] = &[
@@ -41,6 +41,17 @@ fn number<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError
         .map_err(|_| invalid(var, value, "a whole number"))
 }
 
+/// What `var` made wrong in `[dispatch]`, as its error.
+fn refuse_problem(var: &str, dispatch: &DispatchConfig) -> Result<(), ConfigError> {
+    match dispatch.problem() {
+        Some((_, message)) => Err(ConfigError::Env {
+            var: var.to_string(),
+            message,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn flag(var: &str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "true" | "1" => Ok(true),
@@ -64,7 +75,10 @@ impl Config {
             let admin = &mut self.admin;
             match *var {
                 "HERALD_PLUGINS_DIR" => self.plugins_dir = Some(value.to_string()),
-                "HERALD_DISPATCH_BATCH_SIZE" => dispatch.batch_size = number(var, value)?,
+                "HERALD_DISPATCH_BATCH_SIZE" => {
+                    dispatch.batch_size = number(var, value)?;
+                    refuse_problem(var, dispatch)?;
+                }
                 "HERALD_DISPATCH_CONCURRENCY" => dispatch.concurrency = number(var, value)?,
                 "HERALD_DISPATCH_LEASE" => dispatch.lease = duration(var, value)?,
                 "HERALD_DISPATCH_POLL_INTERVAL" => dispatch.poll_interval = duration(var, value)?,
@@ -77,12 +91,7 @@ impl Config {
                 }
                 "HERALD_DISPATCH_MAX_EVENT_BYTES" => {
                     dispatch.max_event_bytes = number(var, value)?;
-                    if let Some(message) = dispatch.problem() {
-                        return Err(ConfigError::Env {
-                            var: var.to_string(),
-                            message,
-                        });
-                    }
+                    refuse_problem(var, dispatch)?;
                 }
                 "HERALD_ADMIN_ENABLED" => admin.enabled = flag(var, value)?,
                 "HERALD_ADMIN_LISTEN" => {
@@ -130,6 +139,15 @@ mod tests {
         assert!(!config.admin().enabled);
     }
 
+    /// The error of one override of a default config.
+    fn refusal(var: &str, value: &str) -> String {
+        Config::default()
+            .apply_overrides(env(&[(var, value)]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn the_event_size_limit_can_be_overridden_but_not_to_zero() {
         let mut config = Config::default();
@@ -137,13 +155,18 @@ mod tests {
             .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "2048")]))
             .expect("valid override");
         assert_eq!(config.dispatch().max_event_bytes, 2048);
-        let err = config
-            .apply_overrides(env(&[("HERALD_DISPATCH_MAX_EVENT_BYTES", "0")]))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal("HERALD_DISPATCH_MAX_EVENT_BYTES", "0");
         assert!(
             err.starts_with("environment variable HERALD_DISPATCH_MAX_EVENT_BYTES: [dispatch] max_event_bytes must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_batch_size_cannot_be_overridden_to_zero() {
+        let err = refusal("HERALD_DISPATCH_BATCH_SIZE", "0");
+        assert!(
+            err.starts_with("environment variable HERALD_DISPATCH_BATCH_SIZE: [dispatch] batch_size must be at least 1"),
             "{err}"
         );
     }

@@ -247,8 +247,8 @@ impl Config {
                 return Err(located(path, text, store.span().start, err.to_string()));
             }
         }
-        if let Some(problem) = config.dispatch.problem() {
-            return Err(match dispatch_key_offset(text, "max_event_bytes") {
+        if let Some((key, problem)) = config.dispatch.problem() {
+            return Err(match dispatch_key_offset(text, key) {
                 Some(offset) => located(path, text, offset, problem),
                 None => ConfigError::InvalidUnlocated {
                     path: path.to_path_buf(),
@@ -577,7 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn the_event_size_limit_defaults_to_one_mebibyte_and_zero_is_refused() {
+    fn the_event_size_limit_defaults_to_one_mebibyte_and_zero_sizes_are_refused() {
         let config = parse("").expect("parses");
         assert_eq!(config.dispatch().max_event_bytes, 1 << 20);
         let config = parse("[dispatch]\nmax_event_bytes = 4096\n").expect("parses");
@@ -588,6 +588,11 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some("herald.toml:4:3: [dispatch] max_event_bytes must be at least 1 (0 would refuse every event)")
+        );
+        let err = parse("[dispatch]\nbatch_size = 0\n").err();
+        assert_eq!(
+            err.as_deref(),
+            Some("herald.toml:2:1: [dispatch] batch_size must be at least 1 (0 would fan out and claim nothing)")
         );
         let err = parse("[dispatch]\nmax_event_bytes = -1\n")
             .err()

@@ -54,10 +54,21 @@ impl Default for DispatchConfig {
 }
 
 impl DispatchConfig {
-    /// What is wrong with `[dispatch]`, naming the key.
-    pub(super) fn problem(&self) -> Option<String> {
+    /// What is wrong with `[dispatch]`: the key, and a message naming it.
+    pub(super) fn problem(&self) -> Option<(&'static str, String)> {
+        if self.batch_size == 0 {
+            return Some((
+                "batch_size",
+                "[dispatch] batch_size must be at least 1 (0 would fan out and claim nothing)"
+                    .to_string(),
+            ));
+        }
         (self.max_event_bytes == 0).then(|| {
-            "[dispatch] max_event_bytes must be at least 1 (0 would refuse every event)".to_string()
+            (
+                "max_event_bytes",
+                "[dispatch] max_event_bytes must be at least 1 (0 would refuse every event)"
+                    .to_string(),
+            )
         })
     }
 }

@@ -255,7 +255,7 @@ impl Dispatcher {
     /// Fan out, claim as many deliveries as there are free slots, and start them. Returns
     /// once they are started, not finished.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
-        let (fanned, started) = self.fan_out_once(false).await?;
+        let (fanned, started, _) = self.fan_out_once(false).await?;
         let claimed = self.claim_and_start(true).await?;
         Ok(PassReport {
             fanned_out: fanned.events(),
@@ -265,13 +265,21 @@ impl Dispatcher {
 
     /// Fan out one batch, starting at once the new deliveries the free slots take (no
     /// claim round trip for them), and queueing those the store leased behind lanes this
-    /// instance holds; returns the report and how many it started or queued.
-    async fn fan_out_once(&self, stop_wake_ups: bool) -> Result<(FanOutReport, usize), StoreError> {
+    /// instance holds; returns the report, how many it started or queued, and how many
+    /// events it could take ([`Dispatcher::fan_out_limit`]; with none, it asks the store
+    /// nothing unless it must stop wake-ups).
+    async fn fan_out_once(
+        &self,
+        stop_wake_ups: bool,
+    ) -> Result<(FanOutReport, usize, u32), StoreError> {
         let _turn = self.fan_out_turn.lock().await;
         let table = self.table.current();
         let grant = self.claim_request().await;
         let room = self.queue_room();
         let limit = self.fan_out_limit(grant.is_some(), room);
+        if limit == 0 && !stop_wake_ups {
+            return Ok((FanOutReport::default(), 0, 0));
+        }
         let request = FanOutRequest {
             limit,
             max_event_bytes: self.settings.max_event_bytes,
@@ -316,7 +324,7 @@ impl Dispatcher {
                 self.start(started, free).await;
             }
         }
-        Ok((report, started_count))
+        Ok((report, started_count, limit))
     }
 
     /// How many events a fan-out pass takes. A store that leases started deliveries per
@@ -564,12 +572,24 @@ impl Dispatcher {
     }
 
     /// Fan out until no new event is left.
+    /// A pass that could lease nothing (a paced store, and every slot and the lane queue
+    /// full) is no sign the backlog is done: it waits for a claim to start what is queued,
+    /// as [`Dispatcher::fan_out_loop`] does. Ending there would end the drain's round, and
+    /// the next round begins only once everything started has finished.
     async fn fan_out_backlog(&self) -> Result<(), StoreError> {
         loop {
             while self.run_ahead() {
                 self.claimed.notified().await;
             }
-            if self.fan_out_once(false).await?.0.events() == 0 {
+            let (report, _, limit) = self.fan_out_once(false).await?;
+            if limit == 0 {
+                tokio::select! {
+                    _ = self.claimed.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                }
+                continue;
+            }
+            if report.events() == 0 {
                 return Ok(());
             }
         }
@@ -745,7 +765,7 @@ impl Dispatcher {
     /// failure is logged and counts none (the loop then waits for the poll interval).
     async fn fan_out_logged(&self, stop_wake_ups: bool) -> usize {
         match self.fan_out_once(stop_wake_ups).await {
-            Ok((report, _)) => report.events(),
+            Ok((report, _, _)) => report.events(),
             Err(err) => {
                 tracing::error!(%err, "fan-out failed; retrying after the poll interval");
                 0

@@ -82,10 +82,29 @@ impl Herald {
         routes: &str,
         wrap: impl FnOnce(Arc<dyn EventStore>) -> Arc<dyn EventStore>,
     ) -> Option<Herald> {
+        Herald::postgres_configured(test, DEFAULT_DISPATCH, routes, wrap).await
+    }
+
+    /// A Postgres Herald with its own `[dispatch]` keys, or `None` as for
+    /// [`Herald::postgres`].
+    pub async fn postgres_with_dispatch(
+        test: &str,
+        dispatch: &str,
+        routes: &str,
+    ) -> Option<Herald> {
+        Herald::postgres_configured(test, dispatch, routes, |store| store).await
+    }
+
+    async fn postgres_configured(
+        test: &str,
+        dispatch: &str,
+        routes: &str,
+        wrap: impl FnOnce(Arc<dyn EventStore>) -> Arc<dyn EventStore>,
+    ) -> Option<Herald> {
         let schema = PgSchema::create(test).await?;
         let url = schema.url.clone();
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = config(&dir, DEFAULT_DISPATCH, routes);
+        let config = config(&dir, dispatch, routes);
         Some(Herald::with_store(dir, &url, Backend::Postgres(schema), config, wrap).await)
     }
 

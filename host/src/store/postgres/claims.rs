@@ -221,7 +221,8 @@ pub const ANY_CLAIM: &str = "SELECT EXISTS (SELECT 1 FROM herald_claims)";
 /// A lane: (owner, route, entity type, entity id).
 type LaneKey = (String, String, String, String);
 
-/// What this store's process knows of its own claims, so fan-out need not read them.
+/// What this store's process knows of its own claims, so fan-out need not read them, and
+/// outcomes need not read their items back (a claim's items never change once written).
 ///
 /// It may count an item as open for a while after the database stops: fan-out then only
 /// waits where it need not. It must never count less than the database shows, so an item

@@ -102,9 +102,24 @@ impl PostgresStore {
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options.clone());
+        // Fan-out runs one pass at a time on this pool, so every round trip of a pass is on
+        // the drain's critical path, and a check before each acquire was one of its five
+        // or six (benchmarks history, twenty-fifth refresh). A connection back from a
+        // pass within the last second was checked as it was released; one idle longer is
+        // checked again. What fails here (a pass, a claim, a renewal) is retried, and
+        // leaves nothing leased.
         let lease_pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= RECHECK_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         drop(probe);
         Ok(PostgresStore {
@@ -156,6 +171,9 @@ async fn insert_event(conn: &mut PgConnection, event: &NewEvent) -> StoreResult<
         .await
         .doing("appending an event")
 }
+
+/// How long a lease-pool connection may sit idle before it is checked again when taken.
+const RECHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Take the next new events off the fan-out queue, oldest first (in the caller's
 /// transaction, so a failed pass leaves them queued). Only while holding the fan-out lock:
