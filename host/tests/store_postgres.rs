@@ -902,13 +902,24 @@ async fn deleting_events_deletes_their_deliveries_and_attempts() {
 
 // --- The batch ledger (migration 0013): claim items and outcome batches ---------------
 
-/// Run `sql` on its own connection and return its one integer.
-async fn scalar(schema: &PgSchema, sql: &str) -> i64 {
+/// Run `sql` on its own connection and return its one column, row by row.
+async fn column<T>(schema: &PgSchema, sql: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
     let mut conn = PgConnection::connect(&schema.url).await.expect("connect");
     sqlx::query_scalar(sql)
-        .fetch_one(&mut conn)
+        .fetch_all(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Run `sql` on its own connection and return its one integer.
+async fn scalar(schema: &PgSchema, sql: &str) -> i64 {
+    match column(schema, sql).await[..] {
+        [value] => value,
+        ref rows => panic!("{sql}: one row expected, got {rows:?}"),
+    }
 }
 
 async fn execute(schema: &PgSchema, sql: &str) {
@@ -1286,15 +1297,6 @@ async fn an_item_is_recorded_once_and_not_after_it_was_given_back() {
     schema.drop().await;
 }
 
-/// Texts of one column per row, in order.
-async fn texts(schema: &PgSchema, sql: &str) -> Vec<String> {
-    let mut conn = PgConnection::connect(&schema.url).await.expect("connect");
-    sqlx::query_scalar(sql)
-        .fetch_all(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
 /// An outcome records its item as the claim wrote it, whether the store handle recording
 /// it made the claim (it remembers the items) or not (it reads them from the claim).
 #[tokio::test]
@@ -1311,7 +1313,7 @@ async fn an_item_is_recorded_as_its_claim_wrote_it_through_any_store_handle() {
     }
     let started = fan_out_as(&*made_it, "alpha", 10, 0).await.now;
     assert_eq!(started.len(), 2);
-    let as_claimed = texts(
+    let as_claimed: Vec<String> = column(
         &schema,
         "SELECT concat_ws('/', u.event_id, u.route, u.ordered, u.key, c.created_at) \
          FROM herald_claims c CROSS JOIN LATERAL \
@@ -1325,7 +1327,7 @@ async fn an_item_is_recorded_as_its_claim_wrote_it_through_any_store_handle() {
             CompletionResult::Committed { .. }
         ));
     }
-    let as_recorded = texts(
+    let as_recorded: Vec<String> = column(
         &schema,
         "SELECT concat_ws('/', u.event_id, u.route, u.ordered, u.key, u.leased_at) \
          FROM herald_outcome_batches b CROSS JOIN LATERAL \
@@ -1335,7 +1337,7 @@ async fn an_item_is_recorded_as_its_claim_wrote_it_through_any_store_handle() {
     .await;
     assert_eq!(as_recorded, as_claimed);
     assert_eq!(
-        texts(
+        column::<String>(
             &schema,
             "SELECT concat_ws('/', route, idempotency_key, event_id, outcome) \
              FROM herald_idempotency ORDER BY event_id"

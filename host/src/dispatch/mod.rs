@@ -572,10 +572,11 @@ impl Dispatcher {
     }
 
     /// Fan out until no new event is left.
+    ///
     /// A pass that could lease nothing (a paced store, and every slot and the lane queue
-    /// full) is no sign the backlog is done: it waits for a claim to start what is queued,
-    /// as [`Dispatcher::fan_out_loop`] does. Ending there would end the drain's round, and
-    /// the next round begins only once everything started has finished.
+    /// full) is no sign the backlog is done: it waits for room, as
+    /// [`Dispatcher::fan_out_loop`] does. Ending there would end the drain's round, and the
+    /// next round begins only once everything started has finished.
     async fn fan_out_backlog(&self) -> Result<(), StoreError> {
         loop {
             while self.run_ahead() {
@@ -583,15 +584,21 @@ impl Dispatcher {
             }
             let (report, _, limit) = self.fan_out_once(false).await?;
             if limit == 0 {
-                tokio::select! {
-                    _ = self.claimed.notified() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                }
+                self.wait_for_lease_room().await;
                 continue;
             }
             if report.events() == 0 {
                 return Ok(());
             }
+        }
+    }
+
+    /// A paced fan-out could lease nothing: look again once a claim has run (it may have
+    /// started what was queued), or after the poll interval.
+    async fn wait_for_lease_room(&self) {
+        tokio::select! {
+            _ = self.claimed.notified() => {}
+            _ = tokio::time::sleep(self.settings.poll_interval) => {}
         }
     }
 
@@ -727,10 +734,8 @@ impl Dispatcher {
             }
             let limit = self.fan_out_limit(self.claim_request_possible(), self.queue_room());
             if limit == 0 {
-                // Paced and nothing can be leased: look again once something ran.
                 tokio::select! {
-                    _ = self.claimed.notified() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = self.wait_for_lease_room() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;

@@ -266,19 +266,6 @@ struct ClaimItems {
 }
 
 impl ClaimItems {
-    fn of(deliveries: &[&NewDelivery]) -> Self {
-        let text = |f: fn(&NewDelivery) -> &str| -> Vec<String> {
-            deliveries.iter().map(|d| f(d).to_owned()).collect()
-        };
-        ClaimItems {
-            created_at: DateTime::<Utc>::MIN_UTC,
-            event_ids: deliveries.iter().map(|d| d.event_id).collect(),
-            routes: text(|d| &d.route),
-            ordered: deliveries.iter().map(|d| d.ordered).collect(),
-            keys: text(|d| &d.idempotency_key),
-        }
-    }
-
     fn held(&self, position: usize) -> Option<HeldItem> {
         Some(HeldItem {
             leased_at: self.created_at,
@@ -544,20 +531,33 @@ async fn lease_chunks(
 ) -> StoreResult<()> {
     for chunk in deliveries.chunks(ITEM_SPAN as usize) {
         let column = |f: fn(&NewDelivery) -> &str| chunk.iter().map(|d| f(d)).collect::<Vec<_>>();
-        let mut written = ClaimItems::of(chunk);
+        // The columns the book keeps are owned: written once, read by every outcome.
+        let owned = |f: fn(&NewDelivery) -> &str| -> Vec<String> {
+            chunk.iter().map(|d| f(d).to_owned()).collect()
+        };
+        let event_ids: Vec<i64> = chunk.iter().map(|d| d.event_id).collect();
+        let routes = owned(|d| &d.route);
+        let ordered: Vec<bool> = chunk.iter().map(|d| d.ordered).collect();
+        let keys = owned(|d| &d.idempotency_key);
         let (claim_id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(INSERT_CLAIM)
             .bind(owner)
             .bind(lease.as_secs_f64())
-            .bind(&written.event_ids)
-            .bind(&written.routes)
+            .bind(&event_ids)
+            .bind(&routes)
             .bind(column(|d| &d.entity_type))
             .bind(column(|d| &d.entity_id))
-            .bind(&written.ordered)
-            .bind(&written.keys)
+            .bind(&ordered)
+            .bind(&keys)
             .fetch_one(&mut *conn)
             .await
             .doing("leasing started deliveries as a claim")?;
-        written.created_at = created_at;
+        let written = ClaimItems {
+            created_at,
+            event_ids,
+            routes,
+            ordered,
+            keys,
+        };
         let items: Vec<(&NewDelivery, i64)> = chunk
             .iter()
             .enumerate()
