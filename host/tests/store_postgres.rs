@@ -1192,6 +1192,39 @@ async fn another_owners_claim_item_holds_its_lane_back() {
     schema.drop().await;
 }
 
+/// Fan-out begins each pass's transaction as the pass before commits, and a lease is
+/// measured from its transaction's start: a pass that comes long after the one before
+/// must not lease from that moment, but from its own.
+#[tokio::test]
+async fn a_pass_long_after_the_last_leases_from_its_own_start() {
+    let Some(schema) = PgSchema::create("store_pg_fan_out_kept_tx").await else {
+        return;
+    };
+    let alpha = instance(&schema).await;
+    append_order(&*alpha, "A").await;
+    assert_eq!(fan_out_as(&*alpha, "alpha", 10, 0).await.now.len(), 1);
+    // Past the time a transaction begun by that pass's commit may be used (20 ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before: Vec<String> = column(&schema, "SELECT now()::text").await;
+    let b1 = append_order(&*alpha, "B").await;
+    assert_eq!(
+        event_ids(&fan_out_as(&*alpha, "alpha", 10, 0).await.now),
+        vec![b1]
+    );
+    let leased_since = format!(
+        "SELECT count(*) FROM herald_claims WHERE created_at >= '{}'::timestamptz \
+           AND locked_until >= '{}'::timestamptz + interval '60 seconds'",
+        before[0], before[0]
+    );
+    assert_eq!(
+        scalar(&schema, &leased_since).await,
+        1,
+        "the second pass's claim is leased from its own start"
+    );
+    drop(alpha);
+    schema.drop().await;
+}
+
 /// An instance with the batch ledger off that has never seen a claim row (just started, or
 /// its fan-out found the lock taken every time) still does not claim a row behind another
 /// instance's open item.

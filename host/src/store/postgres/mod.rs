@@ -9,6 +9,7 @@
 //! (they are planned once per connection), live in [`plans`].
 
 pub mod claims;
+mod fan_out_tx;
 pub mod outcome_batches;
 pub mod plans;
 
@@ -74,6 +75,8 @@ pub struct PostgresStore {
     url: String,
     /// This process's open claim items (the batch ledger's leases, [`claims`]).
     book: claims::ClaimBook,
+    /// The transaction the last fan-out pass began as it committed.
+    next_fan_out: fan_out_tx::NextFanOut,
     /// Whether fan-out leases its started one-route deliveries as claim items. Off, the
     /// store still reads, orders behind, recovers and records other instances' items.
     batch_ledger: bool,
@@ -127,6 +130,7 @@ impl PostgresStore {
             lease_pool,
             url: redacted,
             book: claims::ClaimBook::default(),
+            next_fan_out: fan_out_tx::NextFanOut::default(),
             batch_ledger,
             claims_seen: std::sync::atomic::AtomicBool::new(batch_ledger),
         })
@@ -727,11 +731,7 @@ impl EventStore for PostgresStore {
         start: Option<&ClaimRequest>,
         router: &Router<'_>,
     ) -> StoreResult<(FanOutReport, FanOutStarts)> {
-        let mut tx = self
-            .lease_pool
-            .begin_with(PLAN_ONCE)
-            .await
-            .doing("starting fan-out")?;
+        let mut tx = self.next_fan_out.begin(&self.lease_pool).await?;
         let turn = self.book.begin_fan_out();
         let owner = start.map_or("", |grant| grant.owner.as_str());
         let (candidates, stored) = take_candidates(&mut tx, request, owner).await?;
@@ -772,7 +772,7 @@ impl EventStore for PostgresStore {
         batch::confirm_started(&mut plan.deliveries, &ids);
         let ledger = started_ledger(&mut tx, &plan.deliveries).await?;
         apply_settlements(&mut tx, &plan.settlements).await?;
-        tx.commit().await.doing("committing fan-out")?;
+        self.next_fan_out.commit(tx).await?;
         drop(turn);
         let starts = batch::fan_out_starts(&plan, &ids, &ledger)?;
         Ok((plan.report, starts))
