@@ -74,6 +74,11 @@ struct Args {
     /// Shrink everything (2,000 events, 2 s of latency, 2 swaps) for a smoke run.
     #[arg(long)]
     quick: bool,
+    /// Pad each preloaded event's data (the ceilings' and the drains' events) with a
+    /// string of this many bytes, for payloads the size of real ones [default: none,
+    /// `{"seq": n}`].
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
 }
 
 #[tokio::main]
@@ -102,11 +107,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<usize> {
-    let sizes = if args.quick {
+    let mut sizes = if args.quick {
         Sizes::quick(args.events)
     } else {
         Sizes::full(args.events.unwrap_or(100_000))
     };
+    sizes.payload_bytes = args.payload_bytes;
     if sizes.events == 0 {
         anyhow::bail!("--events must be at least 1");
     }
@@ -189,8 +195,15 @@ fn print_header(
         sqlite.unwrap_or("?"),
         postgres.unwrap_or("not measured")
     );
+    let payload = match sizes.payload_bytes {
+        0 => String::new(),
+        bytes => format!(
+            "; each preloaded event's data padded with {} bytes (--payload-bytes)",
+            report::count(bytes as u64)
+        ),
+    };
     println!(
-        "- run: {}, {} events per drain",
+        "- run: {}, {} events per drain{payload}",
         if args.quick { "--quick" } else { "full" },
         report::count(sizes.events)
     );

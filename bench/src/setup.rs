@@ -190,28 +190,32 @@ impl Db {
         first: i64,
         last: i64,
     ) -> anyhow::Result<()> {
-        self.insert_mixed(table, event_type, None, first, last)
+        self.insert_mixed(table, event_type, None, (first, last), 0)
             .await
     }
 
     /// Like [`Db::insert_range`], with every `every`-th event of `other_type` instead: two
-    /// kinds of events interleaved over the same entities.
+    /// kinds of events interleaved over the same entities; with `padding` bytes, the data
+    /// is `{"seq": seq, "pad": "…"}`, the pad a string of that many bytes.
     pub async fn insert_mixed(
         &self,
         table: &str,
         event_type: &str,
         other: Option<(&str, i64)>,
-        first: i64,
-        last: i64,
+        (first, last): (i64, i64),
+        padding: usize,
     ) -> anyhow::Result<()> {
         let (other_type, every) = other.unwrap_or((event_type, i64::MAX));
+        let padding = i64::try_from(padding).context("--payload-bytes is too large")?;
         match self {
             Db::Sqlite(pool) => {
                 let sql = format!(
                     "WITH RECURSIVE s(g) AS (SELECT ?2 UNION ALL SELECT g + 1 FROM s WHERE g < ?3) \
                      INSERT INTO {table} (event_type, entity_type, entity_id, event_data) \
                      SELECT CASE WHEN g % ?5 = 0 THEN ?4 ELSE ?1 END, 'bench', \
-                     CAST(g % {ENTITIES} AS TEXT), json_object('seq', g) FROM s"
+                     CAST(g % {ENTITIES} AS TEXT), \
+                     CASE WHEN ?6 > 0 THEN json_object('seq', g, 'pad', \
+                       substr(hex(zeroblob(?6)), 1, ?6)) ELSE json_object('seq', g) END FROM s"
                 );
                 sqlx::query(&sql)
                     .bind(event_type)
@@ -219,6 +223,7 @@ impl Db {
                     .bind(last)
                     .bind(other_type)
                     .bind(every)
+                    .bind(padding)
                     .execute(pool)
                     .await?;
             }
@@ -226,7 +231,9 @@ impl Db {
                 let sql = format!(
                     "INSERT INTO {table} (event_type, entity_type, entity_id, event_data) \
                      SELECT CASE WHEN g % $5 = 0 THEN $4 ELSE $1 END, 'bench', \
-                     (g % {ENTITIES})::text, jsonb_build_object('seq', g) \
+                     (g % {ENTITIES})::text, CASE WHEN $6 > 0 THEN \
+                       jsonb_build_object('seq', g, 'pad', repeat('x', $6::int)) \
+                       ELSE jsonb_build_object('seq', g) END \
                      FROM generate_series($2::bigint, $3::bigint) AS g"
                 );
                 sqlx::query(&sql)
@@ -235,6 +242,7 @@ impl Db {
                     .bind(last)
                     .bind(other_type)
                     .bind(every)
+                    .bind(padding)
                     .execute(pool)
                     .await?;
             }
@@ -295,12 +303,18 @@ pub struct Env {
     /// Herald's store, opened and migrated.
     pub store: Arc<dyn EventStore>,
     pub db: Db,
+    /// Bytes of padding in each preloaded event's data (`--payload-bytes`).
+    pub payload_bytes: usize,
     /// The Postgres schema to drop at the end.
     schema: Option<(String, String)>,
 }
 
 impl Env {
-    pub async fn create(backend: Backend, scenario: &str) -> anyhow::Result<Env> {
+    pub async fn create(
+        backend: Backend,
+        scenario: &str,
+        payload_bytes: usize,
+    ) -> anyhow::Result<Env> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("herald-bench-{scenario}-"))
             .tempdir()
@@ -353,6 +367,7 @@ impl Env {
             dir,
             store,
             db,
+            payload_bytes,
             schema,
         })
     }

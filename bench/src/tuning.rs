@@ -77,6 +77,9 @@ pub struct Sizes {
     pub producers_for: Duration,
     /// The longest any one drain or wait may take before the scenario fails.
     pub time_bound: Duration,
+    /// Bytes of padding in each preloaded event's data (the ceilings' and the drains'
+    /// events); 0 leaves it `{"seq": n}`.
+    pub payload_bytes: usize,
 }
 
 impl Sizes {
@@ -92,6 +95,7 @@ impl Sizes {
             swap_gap: Duration::from_millis(500),
             producers_for: Duration::from_secs(5),
             time_bound: Duration::from_secs(240),
+            payload_bytes: 0,
         }
     }
 
@@ -107,6 +111,7 @@ impl Sizes {
             swap_gap: Duration::from_millis(300),
             producers_for: Duration::from_secs(1),
             time_bound: Duration::from_secs(60),
+            payload_bytes: 0,
         }
     }
 }

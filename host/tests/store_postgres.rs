@@ -566,6 +566,77 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     schema.drop().await;
 }
 
+/// Every node of a plan, depth first.
+fn plan_nodes<'p>(node: &'p serde_json::Value, nodes: &mut Vec<&'p serde_json::Value>) {
+    nodes.push(node);
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        plan_nodes(child, nodes);
+    }
+}
+
+/// Fan-out's take turns each event's payload and headers into text once, in a node of
+/// its own, not once per use in the scan of `events`: there, two lengths and the value
+/// each ran `jsonb`'s output function again (history, twenty-seventh refresh).
+#[tokio::test]
+async fn the_take_turns_each_payload_into_text_once() {
+    let Some(schema) = PgSchema::create("store_pg_take_text").await else {
+        return;
+    };
+    let (store, mut conn) = in_a_planned_once_transaction(&schema).await;
+    sqlx::raw_sql(&format!(
+        "PREPARE take AS {}",
+        herald::store::postgres::claims::TAKE_NEW_EVENTS.as_str()
+    ))
+    .execute(&mut conn)
+    .await
+    .expect("prepare the take");
+    let plan: sqlx::types::JsonValue = sqlx::query_scalar(
+        "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE take(500, 1, 1048576, false, 'owner')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("explain the take");
+    let mut nodes = Vec::new();
+    plan_nodes(&plan[0]["Plan"], &mut nodes);
+    let outputs = |node: &serde_json::Value| -> Vec<String> {
+        node["Output"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|column| column.as_str().map(str::to_owned))
+            .collect()
+    };
+    let events_scans: Vec<Vec<String>> = nodes
+        .iter()
+        .filter(|node| node["Relation Name"] == "events")
+        .map(|node| outputs(node))
+        .collect();
+    assert_eq!(events_scans.len(), 1, "one scan of events: {plan:#}");
+    assert!(
+        events_scans[0]
+            .iter()
+            .all(|column| !column.contains("::text")),
+        "the scan of events converts to text itself: {:?}",
+        events_scans[0]
+    );
+    let converting: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|node| outputs(node))
+        .filter(|columns| {
+            columns.iter().any(|c| c == "(e.event_data)::text")
+                && columns.iter().any(|c| c == "(e.headers)::text")
+        })
+        .collect();
+    assert_eq!(
+        converting.len(),
+        1,
+        "one node turns payload and headers into text: {plan:#}"
+    );
+    drop(conn);
+    drop(store);
+    schema.drop().await;
+}
+
 /// An event inserted inside a fan-out or outcome transaction (an emitted event, a dead
 /// notice) runs the event trigger, whose read of the wake-up sequence can only be a
 /// sequential scan; priced as a disabled one, it must still not be compiled by JIT.

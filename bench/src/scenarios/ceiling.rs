@@ -125,7 +125,7 @@ pub(super) async fn versus_ceiling(
     measure: impl AsyncFnOnce(&Env) -> anyhow::Result<Duration>,
 ) -> Option<f64> {
     let n = ctx.sizes.events;
-    match with_env(backend, scenario, measure).await {
+    match with_env(ctx, backend, scenario, measure).await {
         Ok(elapsed) => {
             let per_sec = n as f64 / elapsed.as_secs_f64();
             let versus = ctx
@@ -167,7 +167,11 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
          LIMIT 100) RETURNING …`, `COMMIT`.",
     );
     for &backend in backends {
-        match with_env(backend, "ceiling", async |env: &Env| relay(env, n).await).await {
+        match with_env(ctx, backend, "ceiling", async |env: &Env| {
+            relay(env, n).await
+        })
+        .await
+        {
             Ok(elapsed) => {
                 let per_sec = n as f64 / elapsed.as_secs_f64();
                 ctx.ceiling.insert(backend, per_sec);

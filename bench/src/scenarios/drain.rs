@@ -80,7 +80,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend], plugin: Plugin) -> Table
         let scenario = plugin.name();
         let plugins = ctx.plugins.clone();
         let bound = ctx.sizes.time_bound;
-        let measured = with_env(backend, scenario, async |env: &Env| {
+        let measured = with_env(ctx, backend, scenario, async |env: &Env| {
             drain(env, &plugins, plugin, n, bound).await
         })
         .await;

@@ -61,7 +61,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
     ));
     for &backend in backends {
         let plugins = ctx.plugins.clone();
-        let measured = with_env(backend, "hotswap", async |env: &Env| {
+        let measured = with_env(ctx, backend, "hotswap", async |env: &Env| {
             measure(env, &plugins, &sizes).await
         })
         .await;

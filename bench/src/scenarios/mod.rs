@@ -103,11 +103,16 @@ async fn run_one(ctx: &mut Ctx, scenario: Scenario, backends: &[Backend]) -> Tab
 }
 
 /// Run `measure` on a fresh [`Env`] and tear the env down whatever the outcome.
-async fn with_env<T, F>(backend: Backend, scenario: &str, measure: F) -> anyhow::Result<T>
+async fn with_env<T, F>(
+    ctx: &Ctx,
+    backend: Backend,
+    scenario: &str,
+    measure: F,
+) -> anyhow::Result<T>
 where
     F: AsyncFnOnce(&Env) -> anyhow::Result<T>,
 {
-    let env = Env::create(backend, scenario).await?;
+    let env = Env::create(backend, scenario, ctx.sizes.payload_bytes).await?;
     let result = measure(&env).await;
     env.finish().await;
     result
@@ -137,7 +142,13 @@ async fn preload_mixed(
     while first <= n {
         let last = (first + crate::tuning::PRELOAD_CHUNK - 1).min(n);
         env.db
-            .insert_mixed(table, event_type, other, first as i64, last as i64)
+            .insert_mixed(
+                table,
+                event_type,
+                other,
+                (first as i64, last as i64),
+                env.payload_bytes,
+            )
             .await
             .with_context(|| format!("inserting rows {first}..={last} into {table}"))?;
         bar.set_position(last);

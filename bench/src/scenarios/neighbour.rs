@@ -91,7 +91,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
             let plugins = ctx.plugins.clone();
             let bound = ctx.sizes.time_bound;
             let label = neighbour.map_or("none", |n| n.plugin);
-            let measured = with_env(backend, "neighbour", async |env: &Env| {
+            let measured = with_env(ctx, backend, "neighbour", async |env: &Env| {
                 drain_beside(env, &plugins, neighbour, n, bound).await
             })
             .await;

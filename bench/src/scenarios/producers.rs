@@ -49,7 +49,7 @@ pub async fn table(ctx: &mut Ctx, backends: &[Backend]) -> Table {
     ));
     for &backend in backends.iter().filter(|b| **b == Backend::Postgres) {
         let plugins = ctx.plugins.clone();
-        let measured = with_env(backend, "producers", async |env: &Env| {
+        let measured = with_env(ctx, backend, "producers", async |env: &Env| {
             measure(env, &plugins, &sizes).await
         })
         .await;
