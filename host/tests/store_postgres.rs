@@ -459,31 +459,43 @@ async fn a_request_for_wake_ups_is_settled_only_once_producers_that_missed_it_en
     schema.drop().await;
 }
 
-/// The scans of a plan that could read a whole table: a sequential scan, or an index scan
-/// without a condition on the index (a walk over all of it), as (node, index or table).
-fn unbounded_scans(node: &serde_json::Value, found: &mut Vec<(String, String)>) {
-    let kind = node["Node Type"].as_str().unwrap_or_default();
-    let on = node["Index Name"]
-        .as_str()
-        .or(node["Relation Name"].as_str())
-        .unwrap_or_default();
-    let index_scan = matches!(kind, "Index Scan" | "Index Only Scan" | "Bitmap Index Scan");
-    if kind == "Seq Scan" || (index_scan && node.get("Index Cond").is_none()) {
-        found.push((kind.to_owned(), on.to_owned()));
-    }
+/// Every node of a plan (`EXPLAIN (FORMAT JSON)`'s `Plan`), depth first.
+fn plan_nodes<'p>(node: &'p serde_json::Value, nodes: &mut Vec<&'p serde_json::Value>) {
+    nodes.push(node);
     for child in node["Plans"].as_array().into_iter().flatten() {
-        unbounded_scans(child, found);
+        plan_nodes(child, nodes);
     }
 }
 
-/// Prepare `statement` as `name`, plan it with `arguments` (SQL literals; `None` plans it
-/// with every parameter NULL) and return the plan's unbounded scans.
-async fn unbounded_scans_of(
+/// The scans of a plan that could read a whole table: a sequential scan, or an index scan
+/// without a condition on the index (a walk over all of it), as (node, index or table).
+fn unbounded_scans(plan: &serde_json::Value) -> Vec<(String, String)> {
+    let mut nodes = Vec::new();
+    plan_nodes(plan, &mut nodes);
+    nodes
+        .into_iter()
+        .filter_map(|node| {
+            let kind = node["Node Type"].as_str().unwrap_or_default();
+            let on = node["Index Name"]
+                .as_str()
+                .or(node["Relation Name"].as_str())
+                .unwrap_or_default();
+            let index_scan = matches!(kind, "Index Scan" | "Index Only Scan" | "Bitmap Index Scan");
+            (kind == "Seq Scan" || (index_scan && node.get("Index Cond").is_none()))
+                .then(|| (kind.to_owned(), on.to_owned()))
+        })
+        .collect()
+}
+
+/// Prepare `statement` as `name` and return its plan as `EXPLAIN (options…, FORMAT JSON)`
+/// gives it for `arguments` (SQL literals; `None` plans it with every parameter NULL).
+async fn explain_prepared(
     conn: &mut PgConnection,
     name: &str,
     statement: &str,
     arguments: Option<&str>,
-) -> Vec<(String, String)> {
+    options: &[&str],
+) -> serde_json::Value {
     sqlx::raw_sql(&format!("PREPARE {name} AS {statement}"))
         .execute(&mut *conn)
         .await
@@ -501,15 +513,22 @@ async fn unbounded_scans_of(
             vec!["NULL"; usize::try_from(parameters).expect("count")].join(", ")
         }
     };
-    let plan: sqlx::types::JsonValue = sqlx::query_scalar(&format!(
-        "EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})"
-    ))
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap_or_else(|e| panic!("explain {name}: {e}"));
-    let mut found = Vec::new();
-    unbounded_scans(&plan[0]["Plan"], &mut found);
-    found
+    let options = [options, &["FORMAT JSON"]].concat().join(", ");
+    sqlx::query_scalar(&format!("EXPLAIN ({options}) EXECUTE {name}({arguments})"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("explain {name}: {e}"))
+}
+
+/// The unbounded scans of `statement`'s plan (see [`explain_prepared`]).
+async fn unbounded_scans_of(
+    conn: &mut PgConnection,
+    name: &str,
+    statement: &str,
+    arguments: Option<&str>,
+) -> Vec<(String, String)> {
+    let plan = explain_prepared(conn, name, statement, arguments, &[]).await;
+    unbounded_scans(&plan[0]["Plan"])
 }
 
 /// Walks that are meant: the fan-out queue holds only the new events, in order, and the
@@ -566,14 +585,6 @@ async fn statements_planned_once_reach_tables_only_through_what_they_name() {
     schema.drop().await;
 }
 
-/// Every node of a plan, depth first.
-fn plan_nodes<'p>(node: &'p serde_json::Value, nodes: &mut Vec<&'p serde_json::Value>) {
-    nodes.push(node);
-    for child in node["Plans"].as_array().into_iter().flatten() {
-        plan_nodes(child, nodes);
-    }
-}
-
 /// Fan-out's take turns each event's payload and headers into text once, in a node of
 /// its own, not once per use in the scan of `events`: there, two lengths and the value
 /// each ran `jsonb`'s output function again (history, twenty-seventh refresh).
@@ -583,19 +594,14 @@ async fn the_take_turns_each_payload_into_text_once() {
         return;
     };
     let (store, mut conn) = in_a_planned_once_transaction(&schema).await;
-    sqlx::raw_sql(&format!(
-        "PREPARE take AS {}",
-        herald::store::postgres::claims::TAKE_NEW_EVENTS.as_str()
-    ))
-    .execute(&mut conn)
-    .await
-    .expect("prepare the take");
-    let plan: sqlx::types::JsonValue = sqlx::query_scalar(
-        "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE take(500, 1, 1048576, false, 'owner')",
+    let plan = explain_prepared(
+        &mut conn,
+        "take",
+        herald::store::postgres::claims::TAKE_NEW_EVENTS.as_str(),
+        Some("500, 1, 1048576, false, 'owner'"),
+        &["VERBOSE"],
     )
-    .fetch_one(&mut conn)
-    .await
-    .expect("explain the take");
+    .await;
     let mut nodes = Vec::new();
     plan_nodes(&plan[0]["Plan"], &mut nodes);
     let outputs = |node: &serde_json::Value| -> Vec<String> {
